@@ -1,0 +1,73 @@
+"""The one contract every text-to-video backbone fulfils.
+
+`sample.py`, the callbacks and `eval/` talk to a generator only through this class, so a new backbone is a
+module file, its components and a config. See DESIGN.md ("The generator contract").
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from lightning import LightningModule
+
+
+class VideoGenerator(LightningModule):
+    """A LightningModule that trains on the shared batch format and generates uint8 videos from text.
+
+    Batch format (a dict): `video` float [B, T, C, H, W] in [-1, 1]; `caption` list[str]; optional `label`
+    (int), `fps`, `is_image` (bool [B]) and, for joint image-video training, `image_captions`
+    (list of B lists of M captions, one per extra image frame appended after the T video frames).
+    """
+
+    #: frames per second the generator's videos are meant to be played at (written into mp4 files)
+    fps: int = 8
+
+    @abstractmethod
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[str],
+        num_frames: int | None = None,
+        seed: int | list[int] = 0,
+        **overrides: Any,
+    ) -> torch.Tensor:
+        """Videos for `prompts` as uint8 [B, T, H, W, 3]; the same seed gives the same video.
+
+        `seed` is one int for the whole batch (video i uses seed + i) or one int per prompt. Sampler settings
+        come from the model config's `sampler` section; `overrides` replace them for this call only.
+        """
+
+    @abstractmethod
+    def load_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Load official weights from local paths; raise a clear error naming the file and any key mismatch."""
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Check a model config before anything is built (a paper-size model takes a while to build) and raise
+        a clear error for missing weights or bad values. Entry scripts call it first."""
+
+    def sampler_settings(self, **overrides: Any) -> dict[str, Any]:
+        """The sampler settings a `generate` call with these overrides would use (recorded by sample.py)."""
+        return {}
+
+    @staticmethod
+    def seeds_for(prompts: list[str], seed: int | list[int]) -> list[int]:
+        """One seed per prompt: an int expands to seed, seed+1, ...; a list must match the prompts."""
+        if isinstance(seed, int):
+            return [seed + i for i in range(len(prompts))]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one int or one seed per prompt")
+        return seeds
+
+
+def validate_model_config(cfg: Any) -> None:
+    """Run the configured generator class's `validate_config` on `cfg` (a model config with a _target_)."""
+    target = get_class(cfg._target_)
+    if not (isinstance(target, type) and issubclass(target, VideoGenerator)):
+        raise ValueError(f"model._target_ {cfg._target_} is not a VideoGenerator")
+    target.validate_config(cfg)

@@ -1,0 +1,127 @@
+"""Generate videos for prompts with any backbone and write them as mp4 files, a png grid and samples.json.
+
+    python sample.py experiment=tiny_lavie ckpt_path=RUN/checkpoints/last.ckpt prompts='["a red circle moving left"]'
+    python sample.py experiment=tiny_lavie ckpt_path=... prompts_file=prompts.txt num_seeds=2
+    python sample.py model=lavie_base model.pretrained.sd_path=DIR model.pretrained.checkpoint=lavie_base.pt
+
+Only the VideoGenerator contract is used: a new backbone needs nothing here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.progress import track
+
+from datamodules.video_io import write_grid_png, write_video
+from modules.base import VideoGenerator, validate_model_config
+from modules.components.checkpoints import load_state_dict_checked, read_state_dict
+from utils.cli import user_errors_exit
+
+log = logging.getLogger("t2v")
+GRID_MAX_VIDEOS = 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.get("prompts") is not None and cfg.get("prompts_file") is not None:
+        raise ValueError("give prompts or prompts_file, not both")
+    if cfg.get("prompts_file") is not None:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file not found: {path} (expected a text file, one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines()]
+    elif cfg.get("prompts") is not None:
+        prompts = [cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts)
+    else:
+        raise ValueError("no prompts: pass prompts='[\"a red circle moving left\"]' or prompts_file=FILE")
+    prompts = [str(p).strip() for p in prompts if str(p).strip()]
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    return prompts
+
+
+def load_training_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Weights from a train.py checkpoint (a Lightning .ckpt whose state_dict matches the configured model)."""
+    checkpoint = read_state_dict(path)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint from train.py (no 'state_dict' entry); official "
+                         "weights are loaded with the model's pretrained options instead")
+    load_state_dict_checked(model, checkpoint["state_dict"], path)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "prompt"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def sample(cfg: DictConfig) -> Path:
+    prompts = read_prompts(cfg)
+    if cfg.precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {cfg.precision!r}")
+    if cfg.num_seeds < 1 or cfg.batch_size < 1:
+        raise ValueError("num_seeds and batch_size must be at least 1")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path not found: {cfg.ckpt_path}")
+    validate_model_config(cfg.model)  # fail fast, before a paper-size model is built
+    model: VideoGenerator = instantiate(cfg.model, _convert_="all")
+    if cfg.get("ckpt_path"):
+        load_training_checkpoint(model, cfg.ckpt_path)
+    device = pick_device(cfg.device)
+    model = model.to(device=device, dtype=DTYPES[cfg.precision]).eval()
+
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, prompt, cfg.seed + p * cfg.num_seeds + k) for p, prompt in enumerate(prompts) for k in range(cfg.num_seeds)]
+    record = {
+        "model": cfg.model._target_,
+        "checkpoint": cfg.get("ckpt_path"),
+        "pretrained": OmegaConf.to_container(cfg.model.get("pretrained") or {}, resolve=True),
+        "num_frames": cfg.num_frames,
+        "sampler": model.sampler_settings(),
+        "fps": model.fps,
+        "videos": [],
+    }
+    grid_videos = []
+    batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+    for batch in track(batches, description="generating"):
+        videos = model.generate([prompt for _, prompt, _ in batch], num_frames=cfg.num_frames,
+                                seed=[seed for _, _, seed in batch])
+        for (p, prompt, seed), video in zip(batch, videos):
+            path = out_dir / f"{p:03d}_{slug(prompt)}_seed{seed}.mp4"
+            write_video(path, video, fps=model.fps)
+            record["videos"].append({"prompt": prompt, "seed": seed, "file": path.name, "frames": int(video.shape[0])})
+            if len(grid_videos) < GRID_MAX_VIDEOS:
+                grid_videos.append(video)
+        write_json_atomic(out_dir / "samples.json", record)  # after every batch: an interrupted run keeps its list
+    write_grid_png(out_dir / "grid.png", torch.stack(grid_videos))
+    print(f"wrote {len(jobs)} videos, grid.png and samples.json to {out_dir}")
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
