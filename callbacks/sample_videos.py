@@ -2,13 +2,13 @@
 
 Files: `<dirpath>/step_{global_step:06d}/{i:02d}.mp4` and `grid.png` (one row per prompt), plus `prompts.txt` once in
 `<dirpath>`. `dirpath` defaults to `<trainer.log_dir or default_root_dir>/samples`; the Hydra config pins it to the
-run directory. With a TensorBoardLogger attached, the videos go to TensorBoard too (`add_video` needs moviepy with
-`moviepy.editor`; without it the grid is logged as an image).
+run directory. With a TensorBoardLogger attached, each video goes to TensorBoard as an animated GIF (what torch's
+`add_video` writes too, but encoded with Pillow instead of moviepy) and the grid as an image.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +17,20 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from callbacks.ema import EMA
 from datamodules.video_io import write_grid_png, write_video
 
 
-@functools.cache
-def _tensorboard_can_write_video() -> bool:
-    # torch's add_video imports `moviepy.editor` (gone in moviepy 2) and only prints an error when it fails.
-    try:
-        import moviepy.editor  # noqa: F401
-    except Exception:
-        return False
-    return True
+def gif_summary(tag: str, video: torch.Tensor, fps: float) -> Summary:
+    """A TensorBoard image summary holding an animated GIF of uint8 frames (T, H, W, 3): its video display."""
+    frames = [Image.fromarray(frame) for frame in video.numpy()]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    height, width = video.shape[1:3]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 class SampleVideos(Callback):
@@ -122,9 +123,7 @@ class SampleVideos(Callback):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             writer, step = logger.experiment, trainer.global_step
-            if _tensorboard_can_write_video():
-                for i, video in enumerate(videos):
-                    # add_video wants (N, T, C, H, W)
-                    writer.add_video(f"samples/{i:02d}", video.permute(0, 3, 1, 2)[None], step, fps=pl_module.fps)
+            for i, video in enumerate(videos):
+                writer.file_writer.add_summary(gif_summary(f"samples/{i:02d}", video, pl_module.fps), step)
             image = np.asarray(Image.open(grid).convert("RGB"))  # (H, W, 3)
             writer.add_image("samples/grid", image, step, dataformats="HWC")

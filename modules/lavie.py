@@ -142,15 +142,28 @@ class LaVie(VideoGenerator):
         )
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
         pred = self.unet(noisy, timesteps, context, num_image_frames=num_images)
+        target = self.prediction_target(latents, noise, timesteps)
 
         video_frames = latents.shape[2] - num_images
-        losses = {"loss_video": F.mse_loss(pred[:, :, :video_frames], noise[:, :, :video_frames])}
+        losses = {"loss_video": F.mse_loss(pred[:, :, :video_frames], target[:, :, :video_frames])}
         loss = losses["loss_video"]
         if num_images:
-            losses["loss_image"] = F.mse_loss(pred[:, :, video_frames:], noise[:, :, video_frames:])
+            losses["loss_image"] = F.mse_loss(pred[:, :, video_frames:], target[:, :, video_frames:])
             loss = loss + self.image_loss_weight * losses["loss_image"]
         losses["loss"] = loss
         return losses
+
+    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to predict: the noise (LaVie), the velocity, or the clean sample, per the schedule's
+        prediction_type; DDIM sampling reads the same setting, so training and sampling always agree."""
+        kind = self.train_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.train_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ValueError(f"unknown noise_schedule.prediction_type {kind!r}: epsilon, v_prediction or sample")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.diffusion_loss(batch)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,3 +17,13 @@ def fixtures_dir() -> Path:
     if not root.is_dir():
         pytest.fail(f"reference fixtures not found at {root}; set FIXTURES_DIR to the fixtures root")
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster when other processes share the 2 cores.
+    Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

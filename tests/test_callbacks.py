@@ -1,14 +1,17 @@
 """EMA and SampleVideos on a tiny generator trained for a few CPU steps, plus the callbacks config group."""
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -187,7 +190,12 @@ def test_sample_videos_files_modes_and_tensorboard(tmp_path):
 
     events = EventAccumulator(trainer.log_dir)
     events.Reload()
-    assert [e.step for e in events.Images("samples/grid")] == [2, 4]  # moviepy is absent: the grid as an image
+    assert [e.step for e in events.Images("samples/grid")] == [2, 4]
+    # each video as an animated GIF (TensorBoard's video display): one frame per generated frame
+    gifs = events.Images("samples/01")
+    assert [e.step for e in gifs] == [2, 4]
+    gif = Image.open(io.BytesIO(gifs[-1].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 3 and gif.size == (16, 16)
 
 
 def test_sample_videos_uses_ema_whatever_the_callback_order(tmp_path):
@@ -216,13 +224,16 @@ def test_callbacks_configs_compose_and_instantiate(tmp_path):
         overrides = [f"+paths.output_dir={tmp_path}", "callbacks.sample_videos.every_n_steps=5"]
         cfg = compose(overrides=["+callbacks=[default,ema]", *overrides])
         none = compose(overrides=["+callbacks=none"])
-    assert set(cfg.callbacks) == {"model_checkpoint", "rich_progress_bar", "lr_monitor", "sample_videos", "ema"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "on_exception_checkpoint", "rich_progress_bar", "lr_monitor",
+                                  "sample_videos", "ema"}
     built = {name: instantiate(c) for name, c in cfg.callbacks.items()}
     assert isinstance(built["ema"], EMA) and built["ema"].decay == 0.9999
     assert isinstance(built["sample_videos"], SampleVideos) and built["sample_videos"].every_n_steps == 5
     assert built["sample_videos"].dirpath == f"{tmp_path}/samples"
     assert isinstance(built["model_checkpoint"], ModelCheckpoint) and built["model_checkpoint"].save_last
     assert built["model_checkpoint"].dirpath == f"{tmp_path}/checkpoints"
+    assert isinstance(built["on_exception_checkpoint"], OnExceptionCheckpoint)
+    assert built["on_exception_checkpoint"].dirpath == f"{tmp_path}/checkpoints"
     assert isinstance(built["rich_progress_bar"], RichProgressBar)
     assert isinstance(built["lr_monitor"], LearningRateMonitor)
     assert not none.get("callbacks")

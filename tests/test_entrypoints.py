@@ -13,8 +13,10 @@ import torch
 from datamodules.video_io import read_video
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny_lavie recipe, shrunk to a handful of steps on a handful of videos.
+# The tiny_lavie recipe, shrunk to a handful of steps on a handful of videos, in joint image-video mode (one
+# synthetic image appended to each video, LaVie's L_video + alpha * L_image).
 FAST_TRAIN = [
+    "data.images_per_video=1",
     "experiment=tiny_lavie",
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
@@ -52,6 +54,7 @@ def test_training_writes_checkpoint_metrics_logs_and_samples(trained_run):
     rows = list(csv.DictReader(metrics.open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses and all(loss == loss for loss in losses)  # present and not NaN
+    assert all(r.get("train/loss_image") for r in rows if r.get("train/loss"))
     assert any(r.get("val/loss") for r in rows)
     assert list((trained_run / "tensorboard").rglob("events.out.tfevents*"))
     samples = list((trained_run / "samples").rglob("*.mp4"))

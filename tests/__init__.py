@@ -1,0 +1,1 @@
+"""Test suite; a package so helpers import as `tests.sd_layout` however pytest is started."""

@@ -1,0 +1,234 @@
+"""VideoUNet: an SD UNet inflated with LaVie's temporal attention.
+
+Zero-initialised temporal layers make it the 2D UNet per frame; image frames of joint training skip temporal
+attention; at paper size it has SD 1.4's parameters plus exactly the temporal layers of the official checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from modules.components.checkpoints import CheckpointKeyError
+from modules.components.video_unet import SpatioTemporalBlock, VideoUNet
+from tests.sd_layout import TINY_UNET, randomize_
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# the tiny SD folder's UNet (SD block types, 2 heads of 16/32 channels) with a narrower text context
+SMALL_UNET = {**TINY_UNET, "cross_attention_dim": 16}
+B, F, C, H, W, L, D = 2, 4, 4, 8, 8, 5, 16
+ATOL, RTOL = 1e-5, 1e-4
+
+
+
+
+@pytest.fixture(scope="module")
+def unet2d() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return randomize_(UNet2DConditionModel(**SMALL_UNET), seed=1).eval()
+
+
+def inflate(unet2d: UNet2DConditionModel) -> VideoUNet:
+    torch.manual_seed(2)
+    video = VideoUNet(**SMALL_UNET)
+    video.load_image_unet_weights(unet2d.state_dict())
+    return video.eval()
+
+
+def inputs(seed: int = 3, frames: int = F, prompts: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(B, C, frames, H, W, generator=g)
+    timesteps = torch.tensor([17, 803])  # a different timestep per sample
+    context_shape = (B, L, D) if prompts is None else (B, prompts, L, D)
+    return sample, timesteps, torch.randn(context_shape, generator=g)
+
+
+@torch.no_grad()
+def per_frame(unet2d: UNet2DConditionModel, sample, timesteps, context) -> torch.Tensor:
+    """The 2D UNet on each frame separately: (B, C, F, H, W) -> (B, C, F, H, W)."""
+    frames = [unet2d(sample[:, :, f], timesteps, context).sample for f in range(sample.shape[2])]
+    return torch.stack(frames, dim=2)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_zero_initialised_temporal_layers_give_the_2d_unet_per_frame(unet2d):
+    video = inflate(unet2d)
+    blocks = list(video.temporal_blocks())
+    assert len(blocks) == 7  # 2 down + 1 mid + 2x2 up transformer blocks at layers_per_block=1
+    for block in blocks:
+        assert block.attn_temp.to_out[0].weight.abs().max() == 0 and block.attn_temp.to_out[0].bias.abs().max() == 0
+        assert block.attn_temp.to_q.weight.abs().max() > 0  # the rest of the temporal layer is random, not zero
+    # every 2D weight is the image UNet's
+    reference = unet2d.state_dict()
+    for name, tensor in video.state_dict().items():
+        if not VideoUNet.is_temporal_key(name):
+            assert torch.equal(tensor, reference[name]), name
+
+    sample, timesteps, context = inputs()
+    expected = per_frame(unet2d, sample, timesteps, context)
+    out = video(sample, timesteps, context)
+    assert out.shape == (B, C, F, H, W)
+    assert expected.abs().mean() > 0.1  # a non-trivial output
+    assert_close(out, expected)
+
+    # frames stay independent while the temporal output projection is zero
+    changed = sample.clone()
+    changed[:, :, 0] += 1.0
+    out_changed = video(changed, timesteps, context)
+    assert_close(out_changed[:, :, 1:], out[:, :, 1:])
+
+
+@torch.no_grad()
+def test_random_temporal_layers_mix_frames(unet2d):
+    video = inflate(unet2d)
+    randomize_(torch.nn.ModuleList(b.attn_temp for b in video.temporal_blocks()), seed=4)
+    randomize_(torch.nn.ModuleList(b.norm_temp for b in video.temporal_blocks()), seed=5)
+    sample, timesteps, context = inputs()
+    out = video(sample, timesteps, context)
+    expected = per_frame(unet2d, sample, timesteps, context)
+    assert (out - expected).abs().max() > 1e-2  # the equality test above can fail
+
+    changed = sample.clone()
+    changed[:, :, 0] += 1.0
+    out_changed = video(changed, timesteps, context)
+    assert (out_changed[:, :, F - 1] - out[:, :, F - 1]).abs().max() > 1e-3  # frame 0 reaches frame 3
+    # samples of a batch stay independent
+    changed_sample1 = sample.clone()
+    changed_sample1[1] += 1.0
+    assert_close(video(changed_sample1, timesteps, context)[0], out[0])
+
+
+@torch.no_grad()
+def test_image_frames_skip_temporal_attention(unet2d):
+    video = inflate(unet2d)
+    randomize_(torch.nn.ModuleList(b.attn_temp for b in video.temporal_blocks()), seed=6)
+    images = 2
+    sample, timesteps, context = inputs(seed=7, frames=F + images, prompts=1 + images)  # context (B, 1+M, L, D)
+    out = video(sample, timesteps, context, num_image_frames=images)
+    assert out.shape == (B, C, F + images, H, W)
+
+    # each image frame is the 2D UNet on that image with its own prompt
+    for m in range(images):
+        expected = unet2d(sample[:, :, F + m], timesteps, context[:, 1 + m]).sample
+        assert_close(out[:, :, F + m], expected)
+    # the video frames are the video-only forward with the video prompt, and mix (temporal weights are random)
+    video_only = video(sample[:, :, :F], timesteps, context[:, 0])
+    assert_close(out[:, :, :F], video_only)
+    assert (video_only - per_frame(unet2d, sample[:, :, :F], timesteps, context[:, 0])).abs().max() > 1e-2
+
+    # changing an image changes its own output only
+    changed = sample.clone()
+    changed[:, :, F] += 1.0
+    out_changed = video(changed, timesteps, context, num_image_frames=images)
+    assert_close(out_changed[:, :, :F], out[:, :, :F])
+    assert_close(out_changed[:, :, F + 1], out[:, :, F + 1])
+    assert (out_changed[:, :, F] - out[:, :, F]).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match="image prompts"):
+        video(sample, timesteps, context[:, :2], num_image_frames=images)
+
+
+def test_loading_a_2d_unet_is_strict_except_for_temporal_keys(unet2d):
+    video = VideoUNet(**SMALL_UNET)
+    state = dict(unet2d.state_dict())
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    state["renamed." + name] = state.pop(name)
+    with pytest.raises(CheckpointKeyError) as info:
+        video.load_image_unet_weights(state)
+    assert name in str(info.value) and "renamed." + name in str(info.value)
+    assert "attn_temp" not in str(info.value)  # temporal keys are allowed to be absent
+
+
+# ---------------------------------------------------------------------------------------------- paper size
+SD14_UNET_PARAMS = 859_520_964  # CompVis/stable-diffusion-v1-4 unet/: 859.52M parameters
+# transformer blocks per width in SD 1.4: down 2+2+2 (320, 640, 1280), mid 1 (1280), up 3+3+3 (1280, 640, 320)
+SD14_BLOCK_WIDTHS = [320] * 5 + [640] * 5 + [1280] * 6
+HEADS, BUCKETS = 8, 32
+
+
+def temporal_params(channels: int) -> int:
+    """to_q, to_k, to_v (no bias), to_out (weight + bias), norm_temp (weight + bias), relative-position table."""
+    return 4 * channels * channels + channels + 2 * channels + BUCKETS * HEADS
+
+
+@pytest.fixture(scope="module")
+def paper_unets():
+    cfg = OmegaConf.load(CONFIGS / "model" / "lavie_base.yaml").unet
+    with torch.device("meta"):
+        video = instantiate(cfg)
+        plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if not k.startswith("_")}
+        image = UNet2DConditionModel(**plain)
+    return video, image
+
+
+def test_paper_size_parameters(paper_unets):
+    video, image = paper_unets
+    assert type(video) is VideoUNet
+    expected_temporal = sum(temporal_params(c) for c in SD14_BLOCK_WIDTHS)
+    assert expected_temporal == 49_603_136
+
+    params = dict(video.named_parameters())
+    temporal = {k: p.numel() for k, p in params.items() if VideoUNet.is_temporal_key(k)}
+    spatial = {k: p.numel() for k, p in params.items() if not VideoUNet.is_temporal_key(k)}
+    assert sum(temporal.values()) == expected_temporal
+    assert sum(spatial.values()) == sum(p.numel() for p in image.parameters()) == SD14_UNET_PARAMS
+    total = sum(temporal.values()) + sum(spatial.values())
+    assert total == SD14_UNET_PARAMS + expected_temporal == 909_124_100  # "about 909M"
+    assert 905e6 < total < 913e6
+
+
+def test_paper_size_state_dict_layout(paper_unets):
+    video, image = paper_unets
+    state = {k: tuple(v.shape) for k, v in video.state_dict().items()}
+    temporal = {k: s for k, s in state.items() if VideoUNet.is_temporal_key(k)}
+    spatial = {k: s for k, s in state.items() if not VideoUNet.is_temporal_key(k)}
+    assert spatial == {k: tuple(v.shape) for k, v in image.state_dict().items()}  # names and shapes
+    assert len(temporal) == 144
+    assert len(list(video.temporal_blocks())) == 16
+
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert temporal[f"{block}.attn_temp.to_q.weight"] == (320, 320)
+    assert temporal[f"{block}.attn_temp.to_k.weight"] == (320, 320)
+    assert temporal[f"{block}.attn_temp.to_v.weight"] == (320, 320)
+    assert temporal[f"{block}.attn_temp.to_out.0.weight"] == (320, 320)
+    assert temporal[f"{block}.attn_temp.to_out.0.bias"] == (320,)
+    assert temporal[f"{block}.attn_temp.time_rel_pos_bias.relative_attention_bias.weight"] == (32, 8)
+    assert temporal[f"{block}.attn_temp.rotary_emb.freqs"] == (16,)
+    assert temporal[f"{block}.norm_temp.weight"] == (320,)
+    assert temporal[f"{block}.norm_temp.bias"] == (320,)
+    for proj in ("to_q", "to_k", "to_v"):
+        assert not any(k.endswith(f"attn_temp.{proj}.bias") for k in state)
+    mid = "mid_block.attentions.0.transformer_blocks.0"
+    assert temporal[f"{mid}.attn_temp.to_q.weight"] == (1280, 1280)
+    up = "up_blocks.3.attentions.2.transformer_blocks.0"
+    assert temporal[f"{up}.norm_temp.weight"] == (320,)
+    # the 9 keys per block, in every one of the 16 blocks
+    suffixes = {k.split(".transformer_blocks.0.", 1)[1] for k in temporal}
+    assert suffixes == {
+        "attn_temp.to_q.weight", "attn_temp.to_k.weight", "attn_temp.to_v.weight", "attn_temp.to_out.0.weight",
+        "attn_temp.to_out.0.bias", "attn_temp.rotary_emb.freqs",
+        "attn_temp.time_rel_pos_bias.relative_attention_bias.weight", "norm_temp.weight", "norm_temp.bias",
+    }
+
+
+def test_from_config_keeps_the_video_class(unet2d):
+    video = VideoUNet(**SMALL_UNET)
+    rebuilt = VideoUNet.from_config(video.config)
+    assert type(rebuilt) is VideoUNet
+    assert len(list(rebuilt.temporal_blocks())) == len(list(video.temporal_blocks())) == 7
+    assert all(isinstance(b, SpatioTemporalBlock) for b in rebuilt.temporal_blocks())
+    assert rebuilt.state_dict().keys() == video.state_dict().keys()
+    assert dict(rebuilt.config) == dict(video.config)
+    # and from the 2D UNet's config: the image config inflates
+    from_2d = VideoUNet.from_config(unet2d.config)
+    assert type(from_2d) is VideoUNet and len(list(from_2d.temporal_blocks())) == 7
