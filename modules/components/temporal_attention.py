@@ -115,7 +115,9 @@ class TemporalAttention(nn.Module):
         q, k, v = (rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         q = self.rotary_emb(q * self.scale)
         k = self.rotary_emb(k)
-        bias = self.time_rel_pos_bias(num_frames).to(q.dtype)  # (h, F, F), broadcast over n
+        # (1, h, F, F): a 4-D mask lets CPU SDPA use its fused kernel; a 3-D one falls back to the slow MATH path
+        # (benchmarks/results/temporal_attention_cpu.md)
+        bias = self.time_rel_pos_bias(num_frames).to(q.dtype)[None]
         # scale=1: the queries are already scaled, before the rotation as in the official code
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (n, h, F, d)
         out = rearrange(out, "n h f d -> n f (h d)")
