@@ -12,6 +12,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from modules.components.checkpoints import CheckpointKeyError
+
 log = logging.getLogger("t2v")
 
 # Errors that mean "the input is wrong" (a path, a checkpoint, a config value), not "the code is wrong".
@@ -20,8 +22,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, K
 
 def _user_error(exc: BaseException) -> BaseException | None:
     """The user error behind `exc`, looking through Hydra's InstantiationException wrapping."""
-    from modules.components.checkpoints import CheckpointKeyError
-
     while exc is not None:
         if isinstance(exc, (*USER_ERRORS, CheckpointKeyError)) and not isinstance(exc, InstantiationException):
             return exc

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from modules.components.checkpoints import load_diffusers_weights
+
 CONTEXT_LENGTH = 77
 
 
@@ -68,8 +70,6 @@ class ClipTextEncoder(nn.Module):
 
     def load_from_sd_folder(self, sd_path: str | Path) -> None:
         """Replace weights and tokenizer with those of an SD folder's `text_encoder/` and `tokenizer/`."""
-        from modules.components.checkpoints import load_diffusers_weights
-
         sd_path = Path(sd_path)
         tokenizer_dir = sd_path / "tokenizer"
         if not (tokenizer_dir / "vocab.json").is_file():

@@ -17,7 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from einops import rearrange
 from torch import nn
 
-from modules.components.checkpoints import load_diffusers_weights
+from modules.components.checkpoints import load_diffusers_weights, load_state_dict_checked
 from modules.components.temporal_attention import TemporalAttention
 
 TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.")
@@ -115,8 +115,6 @@ class VideoUNet(UNet2DConditionModel):
         temporal layers may be absent (they keep their initialisation)."""
         temporal = [k for k in self.state_dict() if self.is_temporal_key(k)]
         if isinstance(source, dict):
-            from modules.components.checkpoints import load_state_dict_checked
-
             load_state_dict_checked(self, source, "2D UNet state dict", allowed_missing=temporal)
         else:
             load_diffusers_weights(self, source, strict=False, allowed_missing=temporal)
