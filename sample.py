@@ -16,18 +16,16 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
 from datamodules.video_io import write_grid_png, write_video
-from modules.base import VideoGenerator, validate_model_config
-from modules.components.checkpoints import load_state_dict_checked, read_state_dict
+from modules.base import VideoGenerator
 from utils.cli import user_errors_exit
+from utils.generators import build_generator
 
 log = logging.getLogger("t2v")
 GRID_MAX_VIDEOS = 16
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -48,21 +46,6 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
-def load_training_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
-    """Weights from a train.py checkpoint (a Lightning .ckpt whose state_dict matches the configured model)."""
-    checkpoint = read_state_dict(path)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint from train.py (no 'state_dict' entry); official "
-                         "weights are loaded with the model's pretrained options instead")
-    load_state_dict_checked(model, checkpoint["state_dict"], path)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "prompt"
 
@@ -75,18 +58,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
-    if cfg.precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {cfg.precision!r}")
     if cfg.num_seeds < 1 or cfg.batch_size < 1:
         raise ValueError("num_seeds and batch_size must be at least 1")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path not found: {cfg.ckpt_path}")
-    validate_model_config(cfg.model)  # fail fast, before a paper-size model is built
-    model: VideoGenerator = instantiate(cfg.model, _convert_="all")
-    if cfg.get("ckpt_path"):
-        load_training_checkpoint(model, cfg.ckpt_path)
-    device = pick_device(cfg.device)
-    model = model.to(device=device, dtype=DTYPES[cfg.precision]).eval()
+    model: VideoGenerator = build_generator(cfg)
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,14 @@ def render(attributes: Attributes, num_frames: int, resolution: Resolution, layo
     return (frames + 0.5).astype(np.uint8)  # round half up; values are already in [0, 255]
 
 
+def render_item(index: int, num_frames: int, resolution: Resolution, seed: int = 0, split: str = "train",
+                image_mode: bool = False) -> tuple[Attributes, np.ndarray]:
+    """(attributes, uint8 [T, H, W, 3]) of item `index` of SyntheticVideoDataset(seed=seed, split=split, ...)."""
+    rng = _rng(index, seed, split, image_mode)
+    attributes = _draw_attributes(rng, image_mode)  # drawn first: attributes_for replays exactly this
+    return attributes, render(attributes, 1 if image_mode else num_frames, as_resolution(resolution), _draw_layout(rng))
+
+
 class SyntheticVideoDataset(Dataset):
     """`size` captioned clips of `num_frames` frames at `resolution` (H, W); item i depends only on (i, seed, split).
 
@@ -228,9 +236,8 @@ class SyntheticVideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} items")
-        rng = _rng(index, self.seed, self.split, self.image_mode)
-        attributes = _draw_attributes(rng, self.image_mode)  # drawn first: attributes_for replays exactly this
-        frames = render(attributes, self.num_frames, self.resolution, _draw_layout(rng))
+        attributes, frames = render_item(index, self.num_frames, self.resolution, self.seed, self.split,
+                                         self.image_mode)
         motion = None if self.image_mode else attributes.motion  # image captions name no motion
         item = {
             "video": to_model_range(frames),  # (T, C, H, W)

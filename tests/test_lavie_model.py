@@ -162,3 +162,19 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional(model):
     expected = ddim_sample(lambda x, t, c: torch.full_like(x, 2.0), scheduler(), noise, cond, None, 1, 1.0)
     torch.testing.assert_close(guided, expected)
     assert not torch.allclose(plain, guided)
+
+
+def test_text_context_length_is_configurable(model):
+    """The tiny model conditions on `max_length` token positions (SD uses 77); prompts are padded/truncated."""
+    context = model.encode_prompts(["a red circle", "a blue square " * 30])
+    assert context.shape == (2, model.text_encoder.max_length, model.text_encoder.dim)
+    assert model.text_encoder.max_length < 77
+
+
+@pytest.mark.parametrize("max_length", [1, 78])
+def test_text_context_length_is_checked(max_length):
+    from modules.components.text_encoder import ClipTextEncoder
+
+    config = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "lavie_tiny.yaml").text_encoder.config)
+    with pytest.raises(ValueError, match="max_length must be in 2..77"):
+        ClipTextEncoder(config, max_length=max_length)

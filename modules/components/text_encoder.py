@@ -57,12 +57,23 @@ class ClipTextEncoder(nn.Module):
     Build with `ClipTextEncoder(config={...})` (random init, bundled tokenizer) or `ClipTextEncoder.from_sd_folder`.
     """
 
-    def __init__(self, config: dict[str, Any] | CLIPTextConfig, tokenizer: CLIPTokenizer | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any] | CLIPTextConfig,
+        tokenizer: CLIPTokenizer | None = None,
+        max_length: int = CONTEXT_LENGTH,
+    ):
         super().__init__()
         if not isinstance(config, CLIPTextConfig):
             config = CLIPTextConfig(**config)
         self.model = CLIPTextModel(config)
         self.tokenizer = tokenizer or bundled_clip_tokenizer()
+        # Stable Diffusion conditions on all 77 positions. A small encoder trained from scratch learns faster with
+        # fewer: with 77, the padding positions take most of the cross-attention at first, and only the attribute
+        # that dominates the pixels (the background) gets encoded there early on.
+        if not 1 < max_length <= config.max_position_embeddings:
+            raise ValueError(f"max_length must be in 2..{config.max_position_embeddings}, got {max_length}")
+        self.max_length = max_length
 
     @property
     def dim(self) -> int:
@@ -79,10 +90,10 @@ class ClipTextEncoder(nn.Module):
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids
         return ids.to(self.model.device)
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        return self.model(self.token_ids(prompts)).last_hidden_state  # (B, 77, D)
+        return self.model(self.token_ids(prompts)).last_hidden_state  # (B, max_length, D)
 

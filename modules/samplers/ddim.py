@@ -39,5 +39,10 @@ def ddim_sample(
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+        # With clip_sample, recompute the noise from the clipped clean estimate: otherwise a guided estimate that
+        # overshoots [-1, 1] is clipped while its noise estimate keeps the overshoot, and the update pushes the
+        # sample the opposite way (a dark background asked for comes out light).
+        x = scheduler.step(
+            eps, t, x, eta=eta, generator=generator, use_clipped_model_output=bool(scheduler.config.clip_sample)
+        ).prev_sample
     return x

@@ -1,0 +1,129 @@
+"""Run one evaluation protocol on one backbone: generate (sharded, resumable) -> score -> results.json + table row.
+
+    python eval/run_ucf101.py model=lavie_base model.pretrained.sd_path=DIR ... data.root=DIR
+    python eval/run_msrvtt.py experiment=tiny_lavie ckpt_path=FILE eval.limit=100
+    python eval/run_synthetic.py experiment=tiny_lavie ckpt_path=FILE
+    torchrun --nproc_per_node 2 eval/run_ucf101.py ...          (each rank generates its share; rank 0 scores)
+
+Every runner composes configs/evaluate.yaml; `eval=<protocol>` picks the protocol (and its dataset config), so
+`python eval/run_ucf101.py eval=synthetic` is the synthetic protocol. Only the VideoGenerator contract is used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from eval.generation import (
+    barrier, check_manifest, distributed_context, finished, generate_shard, manifest_for, video_path,
+)
+from eval.protocols.base import Protocol, file_sha256
+from utils.generators import build_generator, pick_device
+
+log = logging.getLogger("t2v")
+
+
+def init_distributed(world_size: int) -> None:
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, timeout=timedelta(hours=6))
+
+
+def rank_device(cfg: DictConfig) -> torch.device:
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def generator_record(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """What the videos depend on: model config, checkpoint (path + hash), sampler settings, frames, precision."""
+    ckpt = cfg.get("ckpt_path")
+    return {
+        "model": cfg.model._target_,
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "checkpoint": ckpt,
+        "checkpoint_sha256": file_sha256(ckpt) if ckpt else None,
+        "sampler": model.sampler_settings(),
+        "precision": cfg.precision,
+        "init_seed": cfg.seed,
+    }
+
+
+def write_results(out_dir: Path, protocol: Protocol, results: dict[str, Any]) -> None:
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out_dir / "results.json")
+    header, row = protocol.table_row(results)
+    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |\n"
+    (out_dir / "results.md").write_text(table)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Generate this rank's share of the protocol's videos, then (rank 0) score them all. Returns the results on
+    rank 0, None elsewhere."""
+    protocol: Protocol = instantiate(cfg.eval, _convert_="all")
+    protocol.check_inputs()  # datasets and feature-network weights, before a generator is built
+    if cfg.gen_batch_size < 1:
+        raise ValueError(f"gen_batch_size must be at least 1, got {cfg.gen_batch_size}")
+    rank, world_size = distributed_context()
+    init_distributed(world_size)
+    device = rank_device(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    jobs = protocol.jobs()
+    num_frames = protocol.num_frames
+
+    torch.manual_seed(cfg.seed)  # the initialisation of a generator without a checkpoint is part of its identity
+    model = build_generator(OmegaConf.merge(cfg, {"device": str(device)}))
+    generator = generator_record(cfg, model)
+    manifest = manifest_for(jobs, {"generator": generator, "num_frames": num_frames,
+                                   "gen_batch_size": cfg.gen_batch_size, "protocol": protocol.settings()})
+    if rank == 0:
+        check_manifest(out_dir, manifest)
+    barrier()
+    if rank != 0:
+        check_manifest(out_dir, manifest)
+
+    started = time.time()
+    written = generate_shard(model, jobs, out_dir, num_frames, cfg.gen_batch_size, rank, world_size,
+                             progress=rank == 0 or cfg.get("progress_all_ranks", False))
+    log.info("rank %d: generated %d videos in %.0f s", rank, written, time.time() - started)
+    del model
+    barrier()
+    # Rank 0 scores every video alone: leave the process group so that the metrics do not try to sync with
+    # ranks that have finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return None
+    if not finished(jobs, out_dir):
+        absent = [job.index for job in jobs if not video_path(out_dir, job.index).is_file()]
+        raise RuntimeError(f"{len(absent)} videos are missing after generation (e.g. {absent[:5]}); re-run to finish")
+
+    started = time.time()
+    metrics = protocol.score(out_dir, jobs, device)
+    results = {
+        "protocol": protocol.settings(),
+        "metrics": metrics,
+        "num_videos": len(jobs),
+        "generator": {k: v for k, v in generator.items() if k != "model_config"},
+        "weights": {name: {"path": str(path), "sha256": file_sha256(path)}
+                    for name, path in protocol.weight_files().items()},
+        "gen_batch_size": cfg.gen_batch_size,
+        "world_size": world_size,
+        "score_seconds": round(time.time() - started, 1),
+        "command": " ".join(sys.argv),
+    }
+    write_results(out_dir, protocol, results)
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    print(f"{protocol.name}: {summary}\nresults: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    return results
