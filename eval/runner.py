@@ -85,8 +85,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)  # the initialisation of a generator without a checkpoint is part of its identity
     model = build_generator(OmegaConf.merge(cfg, {"device": str(device)}))
     generator = generator_record(cfg, model)
+    # What the videos depend on (prompts and seeds are in the jobs hash); scoring settings are not part of it, so
+    # the same videos can be re-scored with other metric options.
     manifest = manifest_for(jobs, {"generator": generator, "num_frames": num_frames,
-                                   "gen_batch_size": cfg.gen_batch_size, "protocol": protocol.settings()})
+                                   "gen_batch_size": cfg.gen_batch_size})
     if rank == 0:
         check_manifest(out_dir, manifest)
     barrier()

@@ -36,12 +36,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.synthetic import COLOURS, MOTIONS, SHAPES, SyntheticVideoDataset
-from datamodules.transforms import to_uint8
+from datamodules.synthetic import COLOURS, MOTIONS, SHAPES, SyntheticVideoDataset, render_item
 from eval.metrics.c3d import C3D, videos_to_c3d_input
 from eval.metrics.i3d import InceptionI3d, i3d_input
 from modules.components.checkpoints import load_state_dict_checked
@@ -164,9 +164,9 @@ def marginal_log_probs(logits: Tensor) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------------------------- settings
 # The protocol's defaults: 8 frames at 32 x 32. I3D sees the frames upsampled to 64 x 64 (see the module docstring).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
-    "i3d": dict(width=0.25, net_resolution=64, fc_dim=None, dropout=0.2, steps=300, batch_size=32, lr=3e-3,
+    "i3d": dict(width=0.25, net_resolution=32, fc_dim=None, dropout=0.0, steps=2500, batch_size=32, lr=1e-3,
                 weight_decay=0.05, warmup=20, val_size=512, bn_batches=8),
-    "c3d": dict(width=0.125, net_resolution=32, fc_dim=256, dropout=0.2, steps=300, batch_size=32, lr=2e-3,
+    "c3d": dict(width=0.125, net_resolution=32, fc_dim=256, dropout=0.0, steps=2500, batch_size=32, lr=5e-4,
                 weight_decay=0.05, warmup=20, val_size=512, bn_batches=0),
 }
 PROTOCOL_KEYS = ("num_frames", "resolution", "seed")
@@ -309,12 +309,11 @@ def build_feature_net(settings: Mapping[str, Any]) -> SyntheticFeatureNet:
 
 # ----------------------------------------------------------------------------------------------------- training
 def _batch(dataset: SyntheticVideoDataset, indices: Sequence[int]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """uint8 videos (B, T, H, W, 3), joint labels (B,), attribute labels {name: (B,)} of dataset items."""
-    items = [dataset[i] for i in indices]
-    videos = to_uint8(torch.stack([item["video"] for item in items]))  # exact inverse of the dataset's u / 127.5 - 1
-    labels = {a: torch.tensor([item["label"][a] for item in items]) for a in ATTRIBUTES}
-    joint = torch.tensor([joint_class({a: ATTRIBUTE_VALUES[a][item["label"][a]] for a in ATTRIBUTES})
-                          for item in items])
+    """uint8 videos (B, T, H, W, 3), joint labels (B,), attribute labels {name: (B,)} of `dataset`'s items."""
+    items = [render_item(i, dataset.num_frames, dataset.resolution, dataset.seed, dataset.split) for i in indices]
+    videos = torch.from_numpy(np.stack([frames for _, frames in items]))
+    labels = {a: torch.tensor([ATTRIBUTE_VALUES[a].index(getattr(attrs, a)) for attrs, _ in items]) for a in ATTRIBUTES}
+    joint = torch.tensor([joint_class(attrs) for attrs, _ in items])
     return videos, joint, labels
 
 
