@@ -394,11 +394,13 @@ def fit_feature_net(kind: str, num_frames: int = 8, resolution: int = 32, steps:
 
         bar = tqdm(total=steps, desc=f"train {kind}", unit="step", dynamic_ncols=True)
     started = time.perf_counter()
+    net.backbone.to(memory_format=torch.channels_last_3d)  # ~30% faster 3D convolutions on CPU (oneDNN)
     net.train()
     running: dict[str, float] = {}
     for step in range(steps):
         videos, joint, labels = _batch(dataset, range(step * batch_size, (step + 1) * batch_size))
-        logits = net(net.preprocess(videos.to(device)))  # (B, K)
+        x = net.preprocess(videos.to(device)).contiguous(memory_format=torch.channels_last_3d)  # (B, 3, T, S, S)
+        logits = net(x)  # (B, K)
         loss = _loss(logits, joint.to(device), {a: v.to(device) for a, v in labels.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,6 +414,7 @@ def fit_feature_net(kind: str, num_frames: int = 8, resolution: int = 32, steps:
             bar.update(1)
     if bar is not None:
         bar.close()
+    net.backbone.to(memory_format=torch.contiguous_format)  # as `load_feature_net` builds it: identical outputs
     _recalibrate_batchnorm(net, dataset, cfg["bn_batches"], batch_size, steps * batch_size)
     train_seconds = time.perf_counter() - started
     net.eval()
