@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import multiprocessing
 import sys
@@ -65,7 +64,14 @@ try:
     from modules.components.temporal_attention import TemporalAttention
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
+
     from modules.components.temporal_attention import TemporalAttention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_probe import current_rss as _current_rss  # noqa: E402
+from memory_probe import peak_rss as _peak_rss  # noqa: E402
+from memory_probe import reset_peak_rss as _reset_peak_rss  # noqa: E402
+from memory_probe import vm_hwm as _vm_hwm  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PATHS = ("sdpa", "einsum")  # compared on every case; time/mem ratios are sdpa / einsum
@@ -169,39 +175,6 @@ def _step(workload: Workload, path: str, backward: bool) -> torch.Tensor:
     out = workload.calls[path]()
     out.backward(workload.grad_out)
     return out.detach()
-
-
-# --------------------------------------------------------------------------------------------- memory probes
-def _current_rss() -> int | None:
-    try:  # Linux: resident pages of this process now
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux >= 4.0: reset this process's peak RSS (VmHWM) to its current RSS, so the next reading is the peak
-    of what runs in between. False where that is not possible (then the ru_maxrss fallback is used)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _vm_hwm() is not None
-    except OSError:
-        return False
-
-
-def _vm_hwm() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _peak_rss() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _sync(device: str) -> None:

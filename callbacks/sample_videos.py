@@ -42,6 +42,8 @@ class SampleVideos(Callback):
     Only global rank 0 generates and writes; like Lightning's ModelCheckpoint, nothing is written under fast_dev_run.
     """
 
+    tag = "samples"  # TensorBoard tag prefix
+
     def __init__(
         self,
         prompts: list[str],
@@ -101,7 +103,7 @@ class SampleVideos(Callback):
         pl_module.eval()
         try:
             with torch.no_grad(), self._averaged_weights(trainer, pl_module):
-                videos = pl_module.generate(self.prompts, num_frames=self.num_frames, seed=self.seed, **self.overrides)
+                videos = self.make_videos(trainer, pl_module)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -112,11 +114,19 @@ class SampleVideos(Callback):
         for i, video in enumerate(videos):
             write_video(folder / f"{i:02d}.mp4", video, fps=pl_module.fps)
         grid = write_grid_png(folder / "grid.png", videos, max_frames=self.max_grid_frames)
+        self.write_index(root)
+        self._log_tensorboard(trainer, pl_module, videos, grid)
+        return folder
+
+    def make_videos(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+        """The videos to write, uint8 (B, T, H, W, 3); runs in eval mode, under no_grad, with the EMA weights."""
+        return pl_module.generate(self.prompts, num_frames=self.num_frames, seed=self.seed, **self.overrides)
+
+    def write_index(self, root: Path) -> None:
+        """Once per run: what each numbered video shows."""
         prompts_file = root / "prompts.txt"
         if not prompts_file.exists():
             prompts_file.write_text("".join(f"{i:02d}\t{p}\n" for i, p in enumerate(self.prompts)))
-        self._log_tensorboard(trainer, pl_module, videos, grid)
-        return folder
 
     def _log_tensorboard(self, trainer: Trainer, pl_module: LightningModule, videos: torch.Tensor, grid: Path) -> None:
         for logger in trainer.loggers:
@@ -124,6 +134,6 @@ class SampleVideos(Callback):
                 continue
             writer, step = logger.experiment, trainer.global_step
             for i, video in enumerate(videos):
-                writer.file_writer.add_summary(gif_summary(f"samples/{i:02d}", video, pl_module.fps), step)
+                writer.file_writer.add_summary(gif_summary(f"{self.tag}/{i:02d}", video, pl_module.fps), step)
             image = np.asarray(Image.open(grid).convert("RGB"))  # (H, W, 3)
-            writer.add_image("samples/grid", image, step, dataformats="HWC")
+            writer.add_image(f"{self.tag}/grid", image, step, dataformats="HWC")

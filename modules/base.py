@@ -65,9 +65,17 @@ class VideoGenerator(LightningModule):
         return seeds
 
 
-def validate_model_config(cfg: Any) -> None:
-    """Run the configured generator class's `validate_config` on `cfg` (a model config with a _target_)."""
+def validate_model_config(cfg: Any, require_generator: bool = False) -> None:
+    """Run the configured class's `validate_config` on `cfg` (a model config with a _target_), if it has one.
+
+    `train.py` trains any LightningModule backbone (a tokenizer or autoencoder stage too); `sample.py` and `eval/`
+    need a `VideoGenerator` (`require_generator=True`).
+    """
     target = get_class(cfg._target_)
-    if not (isinstance(target, type) and issubclass(target, VideoGenerator)):
-        raise ValueError(f"model._target_ {cfg._target_} is not a VideoGenerator")
-    target.validate_config(cfg)
+    wanted = VideoGenerator if require_generator else LightningModule
+    if not (isinstance(target, type) and issubclass(target, wanted)):
+        what = "a VideoGenerator (a text-to-video model)" if require_generator else "a LightningModule"
+        raise ValueError(f"model._target_ {cfg._target_} is not {what}")
+    validate = getattr(target, "validate_config", None)
+    if validate is not None:
+        validate(cfg)

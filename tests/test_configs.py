@@ -28,7 +28,8 @@ SAMPLE_EXPERIMENTS = ["tiny_lavie"]
                          [("train", e) for e in EXPERIMENTS] + [("sample", e) for e in SAMPLE_EXPERIMENTS])
 def test_experiments_compose(entry, experiment):
     cfg = compose_config(entry, f"experiment={experiment}")
-    assert cfg.model._target_ == "modules.lavie.LaVie"
+    expected = "modules.loong_tokenizer.LoongTokenizer" if "loong_tokenizer" in experiment else "modules.lavie.LaVie"
+    assert cfg.model._target_ == expected
     if entry == "train":
         assert cfg.data._target_.startswith("datamodules.") and cfg.trainer._target_ == "lightning.pytorch.Trainer"
 

@@ -112,10 +112,15 @@ def test_motion_is_visible(shape, motion):
     assert area.min() > 20  # visible at 32x32
 
 
-def test_object_is_about_a_third_of_the_frame():
+def test_object_size_follows_the_radius():
+    """A still square (half-width 0.85 radii, the default layout) spans 2 * 0.85 * radius of a 30-pixel frame:
+    about 15 pixels, half the frame, big enough at 32x32 for the tiny models to see its colour and shape."""
+    import datamodules.synthetic as synthetic
+
     mask = object_mask(render(Attributes("square", "blue", "still", "dark"), 1, (30, 30)))[0]
     width = mask.any(axis=0).sum()
-    assert 8 <= width <= 14
+    assert abs(width - 2 * 0.85 * synthetic._RADIUS * 30) <= 1.5
+    assert 0.4 * 30 <= width <= 0.6 * 30
 
 
 def test_drawn_colour_matches_named_colour():

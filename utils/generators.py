@@ -34,7 +34,7 @@ def check_generator_options(cfg: DictConfig) -> None:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {cfg.precision!r}")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path not found: {cfg.ckpt_path}")
-    validate_model_config(cfg.model)  # before a paper-size model is built
+    validate_model_config(cfg.model, require_generator=True)  # before a paper-size model is built
 
 
 def build_generator(cfg: DictConfig) -> VideoGenerator:
