@@ -19,7 +19,7 @@ The weight file holds the backbone's own state dict (official key names), so `lo
 
 Training (`train_feature_net`) minimises the joint cross-entropy plus the cross-entropies of the three marginals
 (shape, colour, motion) of the same joint distribution: the marginal terms give every class's examples a signal
-shared with the classes it has an attribute in common with, which makes a few minutes on a CPU enough. Training
+shared with the classes it has an attribute in common with, which makes minutes on a CPU enough. Training
 items are drawn fresh from the train split (index = step * batch_size + i, never repeated); accuracy is measured on
 the val split. BatchNorm running statistics are re-estimated on training batches at the end (I3D's TF momentum of
 0.01 would otherwise lag the last few hundred updates).
@@ -52,7 +52,7 @@ KINDS = ("i3d", "c3d")
 FORMAT_VERSION = 2  # bump when training, preprocessing or the dataset's drawing changes (2: larger objects)
 DEFAULT_DIR = Path("data/synthetic_nets")
 C3D_INPUT_SCALE = 128.0  # tgan2_preprocess multiplies [-1, 1] inputs by 128
-MAKE_HINT = "run `python eval/train_synthetic_nets.py` to make it (a few minutes on a CPU)"
+MAKE_HINT = "run `python eval/train_synthetic_nets.py` to make it (I3D ~8 min, C3D ~4.5 min on 2 CPU cores)"
 
 
 class JointClass(NamedTuple):
