@@ -71,8 +71,13 @@ class ManifestDataset(Dataset):
     max_resamples = 10
 
     def __init__(self, manifest: str | os.PathLike, path_column: str, caption_column: str, seed: int = 0):
+        self.set_entries(manifest, read_manifest(manifest, path_column, caption_column), seed)
+
+    def set_entries(self, manifest: str | os.PathLike, entries: list[tuple[Path, str]], seed: int = 0) -> None:
+        """The rows and skip state, for datasets whose rows come from an official index (a split list, an
+        annotation json) rather than a csv/jsonl manifest; `manifest` names that index in messages."""
         self.manifest = Path(manifest)
-        self.entries = read_manifest(manifest, path_column, caption_column)
+        self.entries = entries
         self.seed = int(seed)
         self._skipped = multiprocessing.Value("q", 0)
 

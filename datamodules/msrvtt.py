@@ -14,7 +14,6 @@ one file, and is used when the per-split file is absent.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import warnings
@@ -193,12 +192,8 @@ class MSRVTTDataset(ManifestDataset):
                 f"{[str(root / f) for f in video_dirs]}. {_WHERE}"
             )
         fixed = select_captions(self.annotations, "first" if captions == "random" else captions, seed)
-        # ManifestDataset reads its rows from a manifest file; here the annotation json is the manifest, so the
-        # fields its skip-and-count __getitem__ uses are set directly.
-        self.manifest = annotation
-        self.entries = [(paths[video_id], caption) for video_id, caption in fixed]
-        self.seed = int(seed)
-        self._skipped = multiprocessing.Value("q", 0)
+        # the annotation json is the manifest
+        self.set_entries(annotation, [(paths[video_id], caption) for video_id, caption in fixed], seed)
         self._video_ids = {paths[video_id]: video_id for video_id, _ in fixed}
         self.split, self.captions = split, captions
         self.num_frames, self.frame_stride, self.clip_sampling = int(num_frames), int(frame_stride), clip_sampling

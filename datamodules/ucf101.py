@@ -16,7 +16,6 @@ Captions are the class name split into lower-case words ("ApplyEyeMakeup" -> "ap
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import warnings
@@ -286,12 +285,9 @@ class UCF101Dataset(ManifestDataset):
             caption_of = {label: class_caption(name) for label, name in names.items()}
         else:
             raise ValueError(f"captions must be 'class_name' or 'descriptive', got {captions!r}")
-        # ManifestDataset reads its rows from a manifest file; here the official split list is the manifest, so the
-        # fields its skip-and-count __getitem__ uses are set directly.
-        self.manifest = root / SPLIT_DIR / f"{split}list0{fold}.txt"
-        self.entries = [(root / VIDEO_DIR / relative, caption_of[label]) for relative, label in videos]
-        self.seed = int(seed)
-        self._skipped = multiprocessing.Value("q", 0)
+        # the official split list is the manifest
+        self.set_entries(root / SPLIT_DIR / f"{split}list0{fold}.txt",
+                         [(root / VIDEO_DIR / relative, caption_of[label]) for relative, label in videos], seed)
         self.videos = videos  # (relative path, label), in entry order
         # key (pass 0, path): "seeded" clips are the first-pass clips of real_clips with the same seed
         self._meta = {root / VIDEO_DIR / relative: (label, (0, stable_key(relative))) for relative, label in videos}

@@ -19,11 +19,13 @@ with `eval.metrics.c3d.load_c3d`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from eval.protocols.base import file_sha256  # noqa: E402
 
 LAYERS = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b", "fc6", "fc7", "fc8")
 CHAINER_PARAMS = {"W": "weight", "b": "bias"}
@@ -84,14 +86,6 @@ def check_shapes(state: dict[str, np.ndarray]) -> None:
         raise ValueError("arrays do not form a C3D v1.0: " + "; ".join(wrong))
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, help="TGAN2's conv3d_deepnetA_ucf.npz")
@@ -105,8 +99,8 @@ def main(argv: list[str] | None = None) -> Path:
     state = convert(args.weights, args.mean)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"source_weights": Path(args.weights).name, "source_weights_sha256": _sha256(args.weights),
-                "source_mean": Path(args.mean).name, "source_mean_sha256": _sha256(args.mean),
+    metadata = {"source_weights": Path(args.weights).name, "source_weights_sha256": file_sha256(args.weights),
+                "source_mean": Path(args.mean).name, "source_mean_sha256": file_sha256(args.mean),
                 "format": "eval.metrics.c3d.C3D state dict + mean (3, T, 128, 171) BGR"}
     save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(out), metadata=metadata)
     print(f"wrote {out} ({len(state) - 1} tensors + mean {tuple(state['mean'].shape)})")
