@@ -11,11 +11,7 @@ import torch
 from lightning import LightningModule, Trainer
 
 from callbacks.sample_videos import SampleVideos
-
-
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """Float [B, T, C, H, W] in [-1, 1] -> uint8 [B, T, H, W, C]."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+from datamodules.transforms import to_uint8
 
 
 class ReconstructionVideos(SampleVideos):

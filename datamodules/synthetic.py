@@ -211,6 +211,28 @@ def render_item(index: int, num_frames: int, resolution: Resolution, seed: int =
     return attributes, render(attributes, 1 if image_mode else num_frames, as_resolution(resolution), _draw_layout(rng))
 
 
+# Reading a frame back (generated videos, tokenizer reconstructions): every background is a grey tone and every
+# object colour is saturated, so a pixel whose channels differ by more than this belongs to the object.
+MIN_SATURATION = 60
+
+
+def object_pixels(frames: np.ndarray) -> np.ndarray:
+    """bool [..., H, W]: the saturated pixels of uint8 frames [..., H, W, 3], i.e. where an object is drawn."""
+    frames = np.asarray(frames, dtype=np.int16)
+    return frames.max(axis=-1) - frames.min(axis=-1) > MIN_SATURATION
+
+
+def drawn_colour(frames: np.ndarray) -> str | None:
+    """The colour name in RGB nearest to the mean of the saturated pixels of uint8 frames [..., H, W, 3]; None when
+    under 1% of the pixels are saturated (nothing coloured is drawn)."""
+    frames = np.asarray(frames)
+    mask = object_pixels(frames)
+    if mask.sum() < 0.01 * mask.size:
+        return None
+    mean = frames[mask].astype(np.float64).mean(axis=0)
+    return min(RGB, key=lambda name: np.linalg.norm(mean - np.array(RGB[name])))
+
+
 class SyntheticVideoDataset(Dataset):
     """`size` captioned clips of `num_frames` frames at `resolution` (H, W); item i depends only on (i, seed, split).
 

@@ -110,7 +110,8 @@ class LoongTokenizer(LightningModule):
             )
         path = cfg.get("perceptual_weights_path")
         if (cfg.get("perceptual_weight") or 0) > 0 and path and not Path(path).is_file():
-            raise FileNotFoundError(f"model.perceptual_weights_path: VGG16 weights not found: {path}")
+            raise FileNotFoundError(f"model.perceptual_weights_path: VGG16 weights not found: {path} (torchvision's "
+                                    "vgg16-397923af.pth; model.perceptual_weight=0 trains without LPIPS)")
 
     def load_pretrained(self, checkpoint: str | Path) -> None:
         """Encoder, quantizer and decoder weights from one of our checkpoints (Lightning `.ckpt`, whose

@@ -12,12 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.synthetic import RGB  # noqa: E402
+from datamodules.synthetic import RGB, drawn_colour  # noqa: E402
 from datamodules.video_io import read_video  # noqa: E402
 
 PROMPTS = [
@@ -28,20 +26,6 @@ PROMPTS = [
     "a purple cross rotating on a light background",
     "a cyan circle moving down on a gray background",
 ]
-# Backgrounds are grey tones; a pixel whose channels differ by more than this belongs to a coloured object.
-MIN_SATURATION = 60
-
-
-def drawn_colour(video: np.ndarray) -> str | None:
-    """The dataset colour nearest to the mean of the video's saturated pixels (None if nothing is coloured)."""
-    pixels = video.reshape(-1, 3).astype(np.float64)
-    saturated = pixels[pixels.max(axis=1) - pixels.min(axis=1) > MIN_SATURATION]
-    if len(saturated) < 0.01 * len(pixels):
-        return None
-    mean = saturated.mean(axis=0)
-    return min(RGB, key=lambda name: np.linalg.norm(mean - np.array(RGB[name])))
-
-
 def run(*command: str) -> None:
     print("$", " ".join(command), flush=True)
     subprocess.run([sys.executable, *command], cwd=REPO, check=True)

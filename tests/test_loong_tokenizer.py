@@ -169,6 +169,27 @@ def test_progressive_stages_chain_through_their_run_folders(tmp_path):
             assert cfg.model.init_from == f"{tmp_path}/train/tiny_loong_tokenizer/{previous}/checkpoints/last.ckpt"
 
 
+def test_paper_stages_follow_section_4_1(tmp_path):
+    """Paper-size schedule: images, 17 and 65 frames at 128x128, batch 64, AdamW 1e-4, each from the last stage."""
+    stages = {
+        "loong_tokenizer_images": ("images", None, None, "ImageTextDataModule"),
+        "loong_tokenizer_17": ("clips17", 17, "images", "VideoTextDataModule"),
+        "loong_tokenizer_65": ("clips65", 65, "clips17", "VideoTextDataModule"),
+    }
+    total = 0
+    for experiment, (stage, frames, previous, datamodule) in stages.items():
+        cfg = compose_config("train", f"experiment={experiment}", f"paths.log_dir={tmp_path}")
+        assert cfg.data._target_.endswith(datamodule) and cfg.data.get("num_frames") == frames
+        assert list(cfg.data.resolution) == [128, 128] and cfg.data.batch_size == 64
+        assert cfg.model.encoder.base_channels == PAPER_SIZE["base_channels"] and cfg.model.optimizer.lr == 1e-4
+        assert cfg.model.quantizer.num_codes == CODEBOOK_SIZE
+        assert cfg.hydra.run.dir == f"{tmp_path}/train/loong_tokenizer/{stage}"
+        expected = None if previous is None else f"{tmp_path}/train/loong_tokenizer/{previous}/checkpoints/last.ckpt"
+        assert cfg.model.init_from == expected
+        total += cfg.trainer.max_steps
+    assert total == 400_000  # the paper's iteration count for the tokenizer
+
+
 def test_stage_two_starts_from_stage_one_weights(tokenizer, tmp_path):
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": tokenizer.state_dict()}, ckpt)

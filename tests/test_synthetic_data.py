@@ -13,10 +13,13 @@ from datamodules.synthetic import (
     RGB,
     SHAPES,
     Attributes,
+    Layout,
     SyntheticDataModule,
     SyntheticVideoDataset,
     attributes_for,
     caption_for,
+    drawn_colour,
+    object_pixels,
     render,
 )
 from datamodules.transforms import to_uint8
@@ -137,6 +140,23 @@ def test_drawn_colour_matches_named_colour():
         assert nearest == attributes.colour, (i, item["caption"], mean)
         checked += 1
     assert checked > 80
+
+
+def test_read_back_helpers_find_the_drawn_object():
+    """`drawn_colour` and `object_pixels` (used on generated videos and reconstructions) recover what the renderer
+    drew, on every background, the checkered one included (its two tones are grey, so never saturated)."""
+    dataset = SyntheticVideoDataset(120, 4, (32, 32), seed=3)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        attributes = names_of(item["label"])
+        frames = to_uint8(item["video"]).numpy()
+        assert drawn_colour(frames) == attributes.colour, (i, item["caption"])
+        if attributes.background != "checkered":  # object_mask reads the background off a corner
+            truth, found = object_mask(frames), object_pixels(frames)
+            assert (truth & found).sum() / (truth | found).sum() > 0.85, (i, item["caption"])
+    for background in BACKGROUNDS:  # nothing coloured: no colour, no object pixels
+        empty = render(Attributes("circle", "red", "still", background), 1, (32, 32), Layout(2.0, 2.0, 0.1, 0, 1))
+        assert drawn_colour(empty) is None and not object_pixels(empty).any()
 
 
 def test_backgrounds_differ():
