@@ -64,7 +64,6 @@ try:
     from modules.components.temporal_attention import TemporalAttention
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
-
     from modules.components.temporal_attention import TemporalAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -7,6 +7,7 @@ differs. The module needs `reconstruct(video [B, T, C, H, W] in [-1, 1]) -> (rec
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 from lightning import LightningModule, Trainer
 

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datamodules.synthetic import SyntheticVideoDataset, drawn_colour, object_pixels, render_item  # noqa: E402
+from datamodules.synthetic import SyntheticVideoDataset, attributes_for, drawn_colour, object_pixels  # noqa: E402
 from datamodules.transforms import to_uint8  # noqa: E402
 from modules.loong_tokenizer import psnr  # noqa: E402
 
@@ -106,7 +106,7 @@ def report(checkpoint: Path, frames: int | None = None, num: int = 64, batch_siz
         inputs.append(to_uint8(video).numpy())
         reconstructions.append(to_uint8(reconstruction).numpy())
         tokens.append(ids.flatten())
-        colours += [render_item(i, frames, resolution, seed, "val", image_mode)[0].colour for i in indices]
+        colours += [attributes_for(i, seed, "val", image_mode).colour for i in indices]
     inputs, reconstructions = np.concatenate(inputs), np.concatenate(reconstructions)  # (N, T, H, W, 3)
     per_video = score(inputs, reconstructions, colours)
     tokens = torch.cat(tokens)

@@ -49,10 +49,13 @@ CODEBOOK_SIZE = 8192
 
 
 class _CausalVideoCNN(nn.Module):
-    """Checks and factors shared by the encoder and the decoder (same constructor arguments on both sides)."""
+    """What the encoder and the decoder share: one constructor (the same arguments on both sides: pass the same
+    preset), its checks, and the shape arithmetic. Each side creates its layers in `_build`."""
 
-    def __init__(self, in_channels: int, base_channels: int, channel_multipliers: Sequence[int], num_res_blocks: int,
-                 temporal_downsample: Sequence[bool], latent_dim: int, norm_groups: int):
+    def __init__(self, in_channels: int = 3, base_channels: int = 128,
+                 channel_multipliers: Sequence[int] = (1, 2, 2, 3), num_res_blocks: int = 4,
+                 temporal_downsample: Sequence[bool] = (False, True, True), latent_dim: int = 8,
+                 norm_groups: int = 32, frame_by_frame: bool = False):
         super().__init__()
         self.channel_multipliers = [int(m) for m in channel_multipliers]  # plain lists: Hydra passes ListConfig
         self.temporal_downsample = [bool(t) for t in temporal_downsample]
@@ -66,6 +69,12 @@ class _CausalVideoCNN(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.spatial_factor = 2 ** len(self.temporal_downsample)
         self.temporal_factor = 2 ** sum(self.temporal_downsample)
+        self._build()
+        self.set_frame_by_frame(frame_by_frame)
+
+    def _build(self) -> None:
+        """Create the layers (the encoder or the decoder side), from the fields set above."""
+        raise NotImplementedError
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(T', H', W') of the latents of a clip; ValueError unless T = 1 + k * temporal_factor and H, W divide."""
@@ -102,14 +111,9 @@ class CausalVideoEncoder(_CausalVideoCNN):
     also halves time; `frame_by_frame` (see `set_frame_by_frame`) trades speed for bit-exact prefixes.
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 128,
-                 channel_multipliers: Sequence[int] = (1, 2, 2, 3), num_res_blocks: int = 4,
-                 temporal_downsample: Sequence[bool] = (False, True, True), latent_dim: int = 8,
-                 norm_groups: int = 32, frame_by_frame: bool = False):
-        super().__init__(in_channels, base_channels, channel_multipliers, num_res_blocks, temporal_downsample,
-                         latent_dim, norm_groups)
-        widths = self.widths
-        self.conv_in = CausalConv3d(in_channels, widths[0], 3)
+    def _build(self) -> None:
+        widths, norm_groups = self.widths, self.norm_groups
+        self.conv_in = CausalConv3d(self.in_channels, widths[0], 3)
         self.down = nn.ModuleList()
         for i, width in enumerate(widths):
             level = self._res_blocks(widths[max(i - 1, 0)], width)
@@ -118,8 +122,7 @@ class CausalVideoEncoder(_CausalVideoCNN):
             self.down.append(nn.Sequential(*level))
         self.mid = nn.Sequential(*self._res_blocks(widths[-1], widths[-1]))
         self.norm_out = CausalGroupNorm(norm_groups, widths[-1])
-        self.conv_out = CausalConv3d(widths[-1], latent_dim, 1)
-        self.set_frame_by_frame(frame_by_frame)
+        self.conv_out = CausalConv3d(widths[-1], self.latent_dim, 1)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         _, channels, frames, height, width = video.shape
@@ -140,14 +143,9 @@ class CausalVideoDecoder(_CausalVideoCNN):
     time at the levels where the encoder downsampled time, so 1 latent frame decodes to 1 frame.
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 128,
-                 channel_multipliers: Sequence[int] = (1, 2, 2, 3), num_res_blocks: int = 4,
-                 temporal_downsample: Sequence[bool] = (False, True, True), latent_dim: int = 8,
-                 norm_groups: int = 32, frame_by_frame: bool = False):
-        super().__init__(in_channels, base_channels, channel_multipliers, num_res_blocks, temporal_downsample,
-                         latent_dim, norm_groups)
-        widths = self.widths
-        self.conv_in = CausalConv3d(latent_dim, widths[-1], 3)
+    def _build(self) -> None:
+        widths, norm_groups = self.widths, self.norm_groups
+        self.conv_in = CausalConv3d(self.latent_dim, widths[-1], 3)
         self.mid = nn.Sequential(*self._res_blocks(widths[-1], widths[-1]))
         self.up = nn.ModuleList()
         for i in reversed(range(len(widths))):  # deepest level first
@@ -156,8 +154,7 @@ class CausalVideoDecoder(_CausalVideoCNN):
                 level.append(DepthToSpaceUpsample3d(widths[i], self.temporal_downsample[i - 1]))
             self.up.append(nn.Sequential(*level))
         self.norm_out = CausalGroupNorm(norm_groups, widths[0])
-        self.conv_out = CausalConv3d(widths[0], in_channels, 3)
-        self.set_frame_by_frame(frame_by_frame)
+        self.conv_out = CausalConv3d(widths[0], self.in_channels, 3)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         _, channels, frames, _, _ = latents.shape
