@@ -60,6 +60,10 @@ def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
     if cfg.num_seeds < 1 or cfg.batch_size < 1:
         raise ValueError("num_seeds and batch_size must be at least 1")
+    if cfg.num_frames is not None and (isinstance(cfg.num_frames, bool) or not isinstance(cfg.num_frames, int)
+                                       or cfg.num_frames < 1):
+        raise ValueError(f"num_frames must be a positive number of frames, or null for the model's "
+                         f"sampler.num_frames; got {cfg.num_frames!r}")
     model: VideoGenerator = build_generator(cfg)
 
     out_dir = Path(cfg.paths.output_dir)
@@ -69,7 +73,7 @@ def sample(cfg: DictConfig) -> Path:
         "model": cfg.model._target_,
         "checkpoint": cfg.get("ckpt_path"),
         "pretrained": OmegaConf.to_container(cfg.model.get("pretrained") or {}, resolve=True),
-        "num_frames": cfg.num_frames,
+        "num_frames": cfg.num_frames,  # as asked; each video's entry records the frames it has
         "sampler": model.sampler_settings(),
         "fps": model.fps,
         "videos": [],

@@ -26,6 +26,9 @@ log = logging.getLogger("t2v")
 # interrupted checkpoint (none in a fresh run directory) and warns about it each time: expected, not news.
 warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
 warnings.filterwarnings("ignore", message=r".*ckpt_path=\"last\"\) is set, but there is no last checkpoint")
+# Lightning only knows the DataLoader state_dict protocol; our datamodules resume the data position themselves
+# (datamodules/resumable.py, restored through the datamodule's checkpoint state), so this warning is wrong here.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -32,6 +32,16 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(pixels.copy())[None]  # (1, H, W, 3)
 
 
+def check_image_source(images_per_video: int, image_manifest: str | os.PathLike | None) -> None:
+    """Joint mode (images_per_video > 0) reads its images from an image-caption manifest: fail now without one."""
+    if images_per_video > 0 and image_manifest is None:
+        raise ValueError(
+            f"images_per_video={images_per_video} (joint image-video training) needs image_manifest, a CSV/JSONL "
+            "manifest of (image, caption) rows (data.image_manifest=FILE, or data=joint); set data.images_per_video=0 "
+            "to train on videos alone"
+        )
+
+
 class ImageTextDataset(ManifestDataset):
     """Rows (image, caption) of a CSV/JSONL manifest as T=1 videos; unreadable images are skipped and counted."""
 
@@ -46,13 +56,20 @@ class ImageTextDataset(ManifestDataset):
     ):
         super().__init__(manifest, image_column, caption_column, seed)
         self.transform = video_transform(as_resolution(resolution), random_crop)
+        self.check_readable()  # no readable image: a clear error now, not in a DataLoader worker mid-epoch
 
     def load(self, path: Path, caption: str) -> dict[str, Any]:
         return {"video": self.transform(read_image(path)), "caption": caption, "is_image": True}  # (1, C, H, W)
 
 
 class ImageTextDataModule(BaseDataModule):
-    """Text-to-image batches (T=1 videos), e.g. for image pre-training of a video backbone."""
+    """Text-to-image batches (T=1 videos), e.g. for image pre-training of a video backbone.
+
+    It takes the settings every datamodule takes, so any experiment composes with it, and is explicit about the
+    two an image dataset cannot honour: `num_frames` must be 1 and `images_per_video` 0 (a recipe's clip length or
+    joint mode silently dropped would train something other than the recipe). `frame_stride` has no effect on
+    one-frame items.
+    """
 
     def __init__(
         self,
@@ -65,7 +82,21 @@ class ImageTextDataModule(BaseDataModule):
         caption_column: str = "caption",
         random_crop: bool = False,
         seed: int = 0,
+        num_frames: int = 1,
+        frame_stride: int = 1,
+        images_per_video: int = 0,
     ):
+        if num_frames != 1:
+            raise ValueError(
+                f"the image datamodule (data=images) gives one-frame items, but num_frames={num_frames} was asked for "
+                "(the experiment's clip length): set data.num_frames=1 to train on images alone, or use data=joint "
+                "to append images to video clips"
+            )
+        if images_per_video != 0:
+            raise ValueError(
+                f"images_per_video={images_per_video} appends images to video clips (joint mode), and the image "
+                "datamodule (data=images) has no videos: set data.images_per_video=0, or use data=joint"
+            )
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters(logger=False)
         self.manifests = {"train": manifest, "val": val_manifest}

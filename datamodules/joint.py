@@ -38,7 +38,7 @@ class JointImageVideoDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.video_dataset[index]
-        if item is None:  # unreadable and no replacement found: collate drops it
+        if item is None:  # a dataset's way to drop an item (ManifestDatasets replace it or raise): collate drops it
             return None
         images = [self.image_dataset[j] for j in self.image_indices(index)]
         if any(image is None for image in images):

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, as_resolution
+from datamodules.images import ImageTextDataset, check_image_source
 from datamodules.transforms import video_transform
 from datamodules.ucf101 import CLIP_SAMPLING, read_clip, stable_key
 
@@ -198,6 +199,7 @@ class MSRVTTDataset(ManifestDataset):
         self.split, self.captions = split, captions
         self.num_frames, self.frame_stride, self.clip_sampling = int(num_frames), int(frame_stride), clip_sampling
         self.transform = video_transform(as_resolution(resolution), random_crop)
+        self.check_readable()  # no readable video: a clear error now, not in a DataLoader worker mid-epoch
 
     def load(self, path: Path, caption: str) -> dict[str, Any]:
         video_id = self._video_ids[path]
@@ -213,7 +215,8 @@ class MSRVTTDataset(ManifestDataset):
 
 class MSRVTTDataModule(BaseDataModule):
     """MSR-VTT batches: training reads a random caption of each video on every access; validation the seeded one
-    and the first clip."""
+    and the first clip. `images_per_video` > 0 with `image_manifest` gives joint mode (images from an image-caption
+    manifest)."""
 
     def __init__(
         self,
@@ -231,9 +234,15 @@ class MSRVTTDataModule(BaseDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        images_per_video: int = 0,
+        image_manifest: str | os.PathLike | None = None,
+        image_column: str = "image",
+        image_caption_column: str = "caption",
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
+        check_image_source(images_per_video, image_manifest)
+        self.image_manifest, self.image_columns = image_manifest, (image_column, image_caption_column)
         self.root, self.video_dirs = Path(root), tuple(video_dirs)
         self.splits = {"train": train_split, "val": val_split}
         self.annotation_files = {"train": train_annotation, "val": val_annotation}
@@ -257,3 +266,7 @@ class MSRVTTDataModule(BaseDataModule):
             random_crop=self.random_crop and train,
             seed=self.seed,
         )
+
+    def build_image_dataset(self, split: str) -> Dataset:
+        random_crop = self.random_crop and split == "train"
+        return ImageTextDataset(self.image_manifest, self.resolution, random_crop, *self.image_columns, self.seed)

@@ -277,7 +277,12 @@ class SyntheticVideoDataset(Dataset):
 
 
 class SyntheticDataModule(BaseDataModule):
-    """Train/val splits of SyntheticVideoDataset; images_per_video > 0 appends synthetic images (joint mode)."""
+    """Train/val splits of SyntheticVideoDataset; images_per_video > 0 appends synthetic images (joint mode).
+
+    `frame_stride` is accepted so that every recipe composes with every dataset, and has no effect here: motion
+    runs on normalised time, so a clip of `num_frames` frames taken `frame_stride` apart from a longer rendering is
+    the same clip as a rendering of `num_frames` frames.
+    """
 
     def __init__(
         self,
@@ -290,6 +295,7 @@ class SyntheticDataModule(BaseDataModule):
         seed: int = 0,
         images_per_video: int = 0,
         image_mode: bool = False,
+        frame_stride: int = 1,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)

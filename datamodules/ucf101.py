@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, UnreadableFileWarning, as_resolution
+from datamodules.images import ImageTextDataset, check_image_source
 from datamodules.transforms import to_uint8, video_transform
 from datamodules.video_io import MediaReadError, VideoReadError, read_video, video_info
 
@@ -294,6 +295,7 @@ class UCF101Dataset(ManifestDataset):
         self.root, self.split, self.fold = root, split, fold
         self.num_frames, self.frame_stride, self.clip_sampling = int(num_frames), int(frame_stride), clip_sampling
         self.transform = video_transform(as_resolution(resolution), random_crop)
+        self.check_readable()  # no readable video: a clear error now, not in a DataLoader worker mid-epoch
 
     def load(self, path: Path, caption: str) -> dict[str, Any]:
         label, key = self._meta[path]
@@ -313,6 +315,8 @@ def real_clips(
     frame_stride: int = 1,
     clip_sampling: str = "seeded",
     resolution: Resolution | None = None,
+    max_passes: int | None = None,
+    report: dict[str, Any] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Real uint8 clips [T, H, W, 3] for FVD statistics, the same ones on every run.
 
@@ -321,6 +325,13 @@ def real_clips(
     too-short videos are skipped (warned about and counted once, with an UnreadableFileWarning) and the next video
     is used, so the first k clips of a longer request are the clips of a shorter one. `num_clips` None: one clip per
     video. Frames keep the file's size unless `resolution` (H, W) is given (resize to cover, centre crop).
+
+    A ValueError names the split and how many videos were skipped and why (too short, unreadable, missing) when a
+    whole pass gives no clip, or when `num_clips` clips do not fit in `max_passes` passes (None: no limit; the
+    evaluation protocols allow the passes a split without skipped videos would need, so a few skipped videos cost
+    nothing and a mostly unusable split stops the run). `report`, when given, is filled in while clips are drawn:
+    {"videos": videos in the split, "passes": passes begun, "clips": clips yielded, "skipped": {reason: count},
+    "skipped_examples": {reason: [up to 5 paths]}, "clip_fps": {frame rate of the clips as read: clips}}.
     """
     root = Path(root)
     videos = sorted(relative for relative, _ in read_split(root, split, fold))
@@ -329,8 +340,24 @@ def real_clips(
     transform = None if resolution is None else video_transform(as_resolution(resolution))
     total = len(videos) if num_clips is None else int(num_clips)
     order = np.random.default_rng(seed).permutation(len(videos))
+    report = {} if report is None else report
+    report.update(videos=len(videos), passes=0, clips=0, skipped={}, skipped_examples={}, clip_fps={})
+    skipped: dict[str, list[str]] = {}  # reason -> relative paths, each video once
+
+    def too_few() -> ValueError:
+        lists = f"trainlist0{fold}.txt + testlist0{fold}.txt" if split == "all" else f"{split}list0{fold}.txt"
+        reasons = ", ".join(f"{len(paths)} {reason} (e.g. {paths[0]})" for reason, paths in skipped.items())
+        return ValueError(
+            f"UCF-101 {split} split ({lists}, {len(videos)} videos under {root}): only {report['clips']} of {total} "
+            f"real clips of {num_frames} frames (frame stride {frame_stride}) in {report['passes']} pass(es) over "
+            f"the split; skipped {sum(map(len, skipped.values()))} videos: {reasons or 'none'}"
+        )
+
     yielded, pass_index, unreadable = 0, 0, set()
     while yielded < total:
+        if max_passes is not None and pass_index >= max_passes:
+            raise too_few()
+        report["passes"] = pass_index + 1
         yielded_before = yielded
         for position in order:
             if yielded == total:
@@ -339,12 +366,17 @@ def real_clips(
             if relative in unreadable:  # warned about on the first pass
                 continue
             try:
-                clip, _ = read_clip(
+                clip, fps = read_clip(
                     _find_file(root / VIDEO_DIR / relative), num_frames, frame_stride, clip_sampling, seed,
                     (pass_index, stable_key(relative)),
                 )  # (T, H, W, 3)
             except MediaReadError as error:
                 unreadable.add(relative)
+                reason = ("too short" if error.reason.startswith("too short") else
+                          "missing" if error.reason == "file does not exist" else "unreadable")
+                skipped.setdefault(reason, []).append(relative)
+                report["skipped"][reason] = len(skipped[reason])
+                report["skipped_examples"][reason] = skipped[reason][:5]
                 warnings.warn(
                     f"skipping {error}; skipped {len(unreadable)} unreadable {error.kind}s so far",
                     UnreadableFileWarning,
@@ -352,14 +384,17 @@ def real_clips(
                 )
                 continue
             yielded += 1
+            report["clips"] = yielded
+            report["clip_fps"][f"{fps:g}"] = report["clip_fps"].get(f"{fps:g}", 0) + 1  # file fps / stride
             yield clip if transform is None else to_uint8(transform(clip))
         if yielded == yielded_before:
-            raise RuntimeError(f"no readable clip of {num_frames} frames in UCF-101 {split}list0{fold} under {root}")
+            raise too_few()
         pass_index += 1
 
 
 class UCF101DataModule(BaseDataModule):
-    """UCF-101 batches (with `label`) from the official split files; validation takes the first clip of each video."""
+    """UCF-101 batches (with `label`) from the official split files; validation takes the first clip of each video.
+    `images_per_video` > 0 with `image_manifest` gives joint mode (images from an image-caption manifest)."""
 
     def __init__(
         self,
@@ -376,9 +411,15 @@ class UCF101DataModule(BaseDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        images_per_video: int = 0,
+        image_manifest: str | os.PathLike | None = None,
+        image_column: str = "image",
+        image_caption_column: str = "caption",
     ):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
+        check_image_source(images_per_video, image_manifest)
+        self.image_manifest, self.image_columns = image_manifest, (image_column, image_caption_column)
         self.root, self.fold = Path(root), int(fold)
         self.splits = {"train": train_split, "val": val_split}
         self.num_frames, self.frame_stride, self.clip_sampling = num_frames, frame_stride, clip_sampling
@@ -400,3 +441,7 @@ class UCF101DataModule(BaseDataModule):
             random_crop=self.random_crop and train,
             seed=self.seed,
         )
+
+    def build_image_dataset(self, split: str) -> Dataset:
+        random_crop = self.random_crop and split == "train"
+        return ImageTextDataset(self.image_manifest, self.resolution, random_crop, *self.image_columns, self.seed)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 # What a broken or truncated file can make PyAV raise while opening, demuxing or decoding.
-_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
 class MediaReadError(RuntimeError):
@@ -93,7 +93,7 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
                 # Some containers (webm, some mkv) do not store a frame count: count packets, which needs no decoding.
                 num_frames = sum(1 for packet in container.demux(stream) if packet.size)
             return VideoInfo(int(num_frames), fps, stream.height, stream.width)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise VideoReadError(path, f"not a readable video ({error})") from error
 
 
@@ -124,7 +124,7 @@ def read_video(
                     frames.append(frame.to_ndarray(format="rgb24"))
                     if num_frames is not None and len(frames) == num_frames:
                         break
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise VideoReadError(path, f"not a readable video ({error})") from error
     if not frames or (num_frames is not None and len(frames) < num_frames):
         wanted = "at least one frame" if num_frames is None else f"{num_frames} frames"

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, as_resolution
-from datamodules.images import ImageTextDataset
+from datamodules.images import ImageTextDataset, check_image_source
 from datamodules.transforms import video_transform
 from datamodules.video_io import VideoReadError, read_video, video_info
 
@@ -37,6 +37,7 @@ class VideoTextDataset(ManifestDataset):
         super().__init__(manifest, video_column, caption_column, seed)
         self.num_frames, self.frame_stride, self.random_start = int(num_frames), int(frame_stride), random_start
         self.transform = video_transform(as_resolution(resolution), random_crop)
+        self.check_readable()  # no readable video: a clear error now, not in a DataLoader worker mid-epoch
 
     def load(self, path: Path, caption: str) -> dict[str, Any]:
         info = video_info(path)
@@ -75,8 +76,7 @@ class VideoTextDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
-        if images_per_video > 0 and image_manifest is None:
-            raise ValueError("images_per_video > 0 (joint mode) needs image_manifest, a manifest of (image, caption)")
+        check_image_source(images_per_video, image_manifest)
         self.manifests = {"train": manifest, "val": val_manifest}
         self.image_manifest = image_manifest
         self.num_frames, self.frame_stride = num_frames, frame_stride

@@ -5,8 +5,9 @@ Video `i` is seeded with `base_seed + i` and batched with the other videos of it
 ran it, or whether the run was interrupted (floating-point results can depend on batch composition, so the
 blocks never change). Rank r of W takes the blocks k with k % W == r. Each video is written atomically under
 its index; a re-run skips finished blocks and regenerates a partly finished block whole, writing only its
-missing videos. `manifest.json` pins the prompts, seeds and generator settings of the folder, so videos of
-another model or protocol are never mixed into a score.
+missing videos (which files count as finished is decided once per run, before generation, by eval/video_check.py:
+a damaged file is deleted there and so regenerated here). `manifest.json` pins the prompts, seeds and generator
+settings of the folder, so videos of another model or protocol are never mixed into a score.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.progress import Progress
 
 from datamodules.video_io import write_video
 
 MANIFEST = "manifest.json"
+DEFAULT_FPS = 8  # written into the mp4 of a generator without an `fps` attribute
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,15 @@ def generate_shard(
             wanted = {job.index for job in missing(block, out_dir)}
             videos = model.generate([job.prompt for job in block], num_frames=num_frames,
                                     seed=[job.seed for job in block])
+            if videos.ndim != 5 or videos.shape[:2] != (len(block), num_frames):
+                # a video of another length would be deleted as invalid by every later run, and never scored
+                raise ValueError(f"{type(model).__name__}.generate returned videos of shape {tuple(videos.shape)} "
+                                 f"for {len(block)} prompts and num_frames={num_frames}; expected "
+                                 f"({len(block)}, {num_frames}, H, W, 3): check the model's sampler settings")
             for job, video in zip(block, videos):
                 if job.index in wanted:
-                    write_video(video_path(out_dir, job.index), video.cpu(), fps=fps or getattr(model, "fps", 8))
+                    write_video(video_path(out_dir, job.index), video.cpu(),
+                                fps=fps or getattr(model, "fps", DEFAULT_FPS))
                     written += 1
             bar.advance(task, len(block))
             del videos
@@ -114,13 +121,3 @@ def generate_shard(
 
 def finished(jobs: list[Job], out_dir: str | Path) -> bool:
     return all(video_path(out_dir, job.index).is_file() for job in jobs)
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

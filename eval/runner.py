@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from eval.generation import (
-    barrier, check_manifest, distributed_context, finished, generate_shard, manifest_for, video_path,
-)
+from eval.distributed import barrier, distributed_context, init_distributed, rank_zero_first
+from eval.generation import DEFAULT_FPS, check_manifest, finished, generate_shard, manifest_for, video_path
 from eval.protocols.base import Protocol, file_sha256
+from eval.video_check import FolderCheck, check_videos
+from utils.cli import user_error_behind
 from utils.generators import build_generator, pick_device
 
 log = logging.getLogger("t2v")
-
-
-def init_distributed(world_size: int) -> None:
-    if world_size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, timeout=timedelta(hours=6))
 
 
 def rank_device(cfg: DictConfig) -> torch.device:
@@ -68,16 +62,32 @@ def write_results(out_dir: Path, protocol: Protocol, results: dict[str, Any]) ->
     (out_dir / "results.md").write_text(table)
 
 
+def skip_record(protocol: Protocol, folder: FolderCheck) -> dict[str, Any]:
+    """Every skip of the run, counted: real videos the real statistics left out (and why), generated videos that
+    were invalid on disk and regenerated, temporary files of interrupted writes removed."""
+    real = protocol.real_report or {}
+    return {"real_videos": sum(real.get("skipped", {}).values()), "real_videos_by_reason": real.get("skipped", {}),
+            "real_videos_examples": real.get("skipped_examples", {}),
+            "generated_videos_regenerated": len(folder.invalid),
+            "stray_temp_files_removed": len(folder.stray_temp_files)}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
-    """Generate this rank's share of the protocol's videos, then (rank 0) score them all. Returns the results on
-    rank 0, None elsewhere."""
-    protocol: Protocol = instantiate(cfg.eval, _convert_="all")
-    protocol.check_inputs()  # datasets and feature-network weights, before a generator is built
+    """Check every input, generate this rank's share of the protocol's videos, then (rank 0) score them all.
+    Returns the results on rank 0, None elsewhere.
+
+    Before the first video is generated: the protocol's settings and files (every rank), then on rank 0, while the
+    others wait, the output folder's manifest, the feature networks (strict key check) and the real-data statistics
+    (`Protocol.prepare`), and a decode check of the videos already in the folder (invalid ones are regenerated)."""
+    protocol: Protocol = instantiate(cfg.eval, _convert_="all")  # settings: presets, frame counts, ...
+    protocol.check_inputs()  # datasets, weight files and the video count, before a generator is built
     if cfg.gen_batch_size < 1:
         raise ValueError(f"gen_batch_size must be at least 1, got {cfg.gen_batch_size}")
     rank, world_size = distributed_context()
     init_distributed(world_size)
     device = rank_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the rank's device for NCCL's object broadcast
     out_dir = Path(cfg.paths.output_dir)
     jobs = protocol.jobs()
     num_frames = protocol.num_frames
@@ -85,19 +95,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)  # the initialisation of a generator without a checkpoint is part of its identity
     model = build_generator(OmegaConf.merge(cfg, {"device": str(device)}))
     generator = generator_record(cfg, model)
+    generated_fps = getattr(model, "fps", DEFAULT_FPS)  # what generate_shard writes into the mp4 files
     # What the videos depend on (prompts and seeds are in the jobs hash); scoring settings are not part of it, so
     # the same videos can be re-scored with other metric options.
     manifest = manifest_for(jobs, {"generator": generator, "num_frames": num_frames,
                                    "gen_batch_size": cfg.gen_batch_size})
-    if rank == 0:
+
+    def before_generation() -> FolderCheck:
         check_manifest(out_dir, manifest)
-    barrier()
+        started = time.time()
+        protocol.prepare(device, generated_fps)
+        log.info("prepared the %s protocol's networks and real statistics in %.0f s", protocol.name,
+                 time.time() - started)
+        return check_videos(out_dir, jobs, num_frames)
+
+    folder = rank_zero_first(rank, before_generation, is_user_error=lambda exc: user_error_behind(exc) is not None)
     if rank != 0:
         check_manifest(out_dir, manifest)
 
     started = time.time()
     written = generate_shard(model, jobs, out_dir, num_frames, cfg.gen_batch_size, rank, world_size,
-                             progress=rank == 0 or cfg.get("progress_all_ranks", False))
+                             fps=generated_fps, progress=rank == 0 or cfg.get("progress_all_ranks", False))
     log.info("rank %d: generated %d videos in %.0f s", rank, written, time.time() - started)
     del model
     barrier()
@@ -117,6 +135,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         "protocol": protocol.settings(),
         "metrics": metrics,
         "num_videos": len(jobs),
+        "videos": {**folder.record(), "generated_this_run": len(jobs) - folder.finished},
+        "skipped": skip_record(protocol, folder),
+        "real_clips": protocol.real_report,
         "generator": {k: v for k, v in generator.items() if k != "model_config"},
         "weights": {name: {"path": str(path), "sha256": file_sha256(path)}
                     for name, path in protocol.weight_files().items()},

@@ -55,6 +55,15 @@ class VideoGenerator(LightningModule):
         return {}
 
     @staticmethod
+    def frames_to_generate(num_frames: Any, default: int) -> int:
+        """`num_frames`, or `default` (the sampler's) when it is None; anything but a positive int is an error."""
+        frames = default if num_frames is None else num_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"num_frames must be a positive number of frames (or None for the sampler's "
+                             f"{default}), got {num_frames!r}")
+        return frames
+
+    @staticmethod
     def seeds_for(prompts: list[str], seed: int | list[int]) -> list[int]:
         """One seed per prompt: an int expands to seed, seed+1, ...; a list must match the prompts."""
         if isinstance(seed, int):

@@ -203,7 +203,7 @@ class LaVie(VideoGenerator):
         if isinstance(prompts, str) or not prompts:
             raise ValueError("generate needs a non-empty list of prompts")
         settings = self.sampler_settings(**overrides)
-        num_frames = num_frames or settings["num_frames"]
+        num_frames = self.frames_to_generate(num_frames, settings["num_frames"])
         seeds = self.seeds_for(prompts, seed)
         factor = self.autoencoder.downsample_factor
         height, width = settings["height"], settings["width"]

@@ -1,4 +1,5 @@
-"""Tiny datasets in the official on-disk formats of UCF-101 and MSR-VTT, for tests (import these helpers).
+"""Tiny datasets in the official on-disk formats of UCF-101 and MSR-VTT, and in the caption-manifest layouts of
+data=video_text and data=images, for tests (import these helpers).
 
 Videos are real encoded files (UCF-101: MPEG-4 Part 2 in AVI, like the originals; MSR-VTT: H.264 mp4) of flat
 frames whose red channel is `frame_level(k)` in frame k, so a decoded clip tells which frames it holds. Each file
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 from datamodules.ucf101 import UCF101_CLASSES
 from datamodules.video_io import write_video
@@ -234,3 +236,68 @@ def write_msrvtt(
         train_val = [v for v in ids if int(v[5:]) < 7010]
         (root / "train_val_videodatainfo.json").write_text(json.dumps(document(train_val)))
     return MSRVTTLayout(root, captions, broken)
+
+
+# ------------------------------------------------------------------------------------------- caption manifests
+
+
+def looping_frames(num_frames: int, size: tuple[int, int] = (16, 16), green: int = 40, blue: int = 100) -> np.ndarray:
+    """uint8 [T, H, W, 3] of any length (frame_level runs out of uint8 after 30 frames): frame k is flat, with red
+    frame_level(k % 30); for recipes that need long clips rather than frames that say which they are."""
+    frames = np.empty((num_frames, *size, 3), np.uint8)  # (T, H, W, 3)
+    for k in range(num_frames):
+        frames[k] = (frame_level(k % 30), green, blue)
+    return frames
+
+
+def write_video_text(
+    root: str | Path,
+    num_videos: int = 4,
+    num_frames: int = 16,
+    size: tuple[int, int] = (32, 32),
+    corrupt: Iterable[int] = (),
+    short: Iterable[int] = (),
+    missing: Iterable[int] = (),
+    fps: int = 8,
+) -> Path:
+    """The layout of data=video_text: ROOT/train.csv (header `video,caption`, paths relative to ROOT) listing
+    ROOT/videos/v<i>.mp4 captioned "video <i>". `corrupt` / `short` / `missing` name indices written as random
+    bytes / as 2 frames / not at all; all stay in the manifest. Returns the manifest."""
+    root = Path(root)
+    broken = {**{i: "corrupt" for i in corrupt}, **{i: "short" for i in short}, **{i: "missing" for i in missing}}
+    lines = ["video,caption"]
+    for i in range(num_videos):
+        frames = looping_frames(num_frames, size, green=(40 + 20 * i) % 256)
+        path = root / "videos" / f"v{i}.mp4"
+        if i in broken:
+            _write_broken(path, broken[i], frames, lambda p, f: write_video(p, f, fps=fps))
+        else:
+            write_video(path, frames, fps=fps)
+        lines.append(f"videos/v{i}.mp4,video {i}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root / "train.csv"
+
+
+def write_image_captions(
+    root: str | Path,
+    num_images: int = 4,
+    size: tuple[int, int] = (24, 32),
+    corrupt: Iterable[int] = (),
+    missing: Iterable[int] = (),
+) -> Path:
+    """The layout of data=images: ROOT/train.csv (header `image,caption`, paths relative to ROOT) listing
+    ROOT/images/im<i>.png, flat colour (red 40 * i), captioned "image <i>"; `corrupt` / `missing` indices are
+    written as a truncated PNG / not at all. Returns the manifest."""
+    root, corrupt, missing = Path(root), set(corrupt), set(missing)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for i in range(num_images):
+        path = root / "images" / f"im{i}.png"
+        if i in corrupt:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+        elif i not in missing:
+            Image.new("RGB", (size[1], size[0]), ((40 * i) % 256, 0, 0)).save(path)
+        lines.append(f"images/im{i}.png,image {i}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root / "train.csv"

@@ -11,12 +11,16 @@ from PIL import Image
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
+from callbacks.data_skips import DataSkips
 from callbacks.ema import EMA, RAW_KEY
+from callbacks.exact_resume import ExactResume
+from callbacks.finite_guard import NonFiniteGuard
+from callbacks.interrupt_checkpoint import InterruptCheckpoint
 from callbacks.sample_videos import SampleVideos
 from datamodules.video_io import read_video
 from modules.base import VideoGenerator
@@ -225,14 +229,16 @@ def test_callbacks_configs_compose_and_instantiate(tmp_path):
         cfg = compose(overrides=["+callbacks=[default,ema]", *overrides])
         none = compose(overrides=["+callbacks=none"])
     assert set(cfg.callbacks) == {"model_checkpoint", "on_exception_checkpoint", "rich_progress_bar", "lr_monitor",
-                                  "sample_videos", "ema"}
+                                  "sample_videos", "ema", "finite_guard", "exact_resume", "data_skips"}
     built = {name: instantiate(c) for name, c in cfg.callbacks.items()}
     assert isinstance(built["ema"], EMA) and built["ema"].decay == 0.9999
     assert isinstance(built["sample_videos"], SampleVideos) and built["sample_videos"].every_n_steps == 5
     assert built["sample_videos"].dirpath == f"{tmp_path}/samples"
     assert isinstance(built["model_checkpoint"], ModelCheckpoint) and built["model_checkpoint"].save_last
     assert built["model_checkpoint"].dirpath == f"{tmp_path}/checkpoints"
-    assert isinstance(built["on_exception_checkpoint"], OnExceptionCheckpoint)
+    assert isinstance(built["on_exception_checkpoint"], InterruptCheckpoint)
+    assert isinstance(built["finite_guard"], NonFiniteGuard) and isinstance(built["exact_resume"], ExactResume)
+    assert isinstance(built["data_skips"], DataSkips)
     assert built["on_exception_checkpoint"].dirpath == f"{tmp_path}/checkpoints"
     assert isinstance(built["rich_progress_bar"], RichProgressBar)
     assert isinstance(built["lr_monitor"], LearningRateMonitor)

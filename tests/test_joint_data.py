@@ -12,8 +12,11 @@ from PIL import Image
 from datamodules.base import UnreadableFileWarning
 from datamodules.images import ImageTextDataModule, ImageTextDataset
 from datamodules.joint import JointImageVideoDataset, collate
+from datamodules.msrvtt import MSRVTTDataModule
 from datamodules.synthetic import SyntheticDataModule, SyntheticVideoDataset, attributes_for, caption_for
+from datamodules.ucf101 import UCF101DataModule
 from datamodules.video_io import write_video
+from tests.dataset_layouts import write_image_captions, write_msrvtt, write_ucf101
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -100,14 +103,38 @@ def test_synthetic_datamodule_in_joint_mode():
 
 def test_image_datamodule_skips_broken_images(data_dir):
     datamodule = ImageTextDataModule(data_dir / "images" / "train.jsonl", resolution=[16, 24], batch_size=3)
-    datamodule.setup("fit")
-    with pytest.warns(UnreadableFileWarning, match=r"broken\.png.*skipped \d+ unreadable images so far"):
-        batches = list(datamodule.train_dataloader())
-    assert [len(b["caption"]) for b in batches] == [3, 3]
+    with pytest.warns(UnreadableFileWarning, match=r"broken\.png.*skipped 1 unreadable images so far"):
+        datamodule.setup("fit")  # its readability check may be the first to meet broken.png
+        batches = [batch for _epoch in range(2) for batch in datamodule.train_dataloader()]
+    assert [len(b["caption"]) for b in batches] == [3, 3] * 2
     batch = batches[0]
     assert batch["video"].shape == (3, 1, 3, 16, 24) and batch["is_image"].all() and "fps" not in batch
     assert "broken" not in sum((b["caption"] for b in batches), [])
-    assert datamodule.datasets["train"].num_skipped >= 1
+    assert datamodule.datasets["train"].num_skipped == 1
+
+
+def test_an_image_manifest_without_a_readable_image_says_so(tmp_path):
+    manifest = write_image_captions(tmp_path, num_images=2, corrupt=[0], missing=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableFileWarning)
+        with pytest.raises(ValueError) as error:
+            ImageTextDataset(manifest, resolution=8)
+    assert str(error.value).startswith(
+        f"no readable file in {manifest}: all 2 rows are unreadable (2 of 2 rows found unreadable so far), e.g. "
+        "cannot read image"
+    )
+
+
+def test_image_datamodule_refuses_what_images_cannot_give(data_dir):
+    manifest = data_dir / "images" / "train.csv"
+    with pytest.raises(ValueError, match=r"one-frame items, but num_frames=8 .*data\.num_frames=1.*data=joint"):
+        ImageTextDataModule(manifest, num_frames=8)
+    with pytest.raises(ValueError, match=r"images_per_video=4 .*no videos: set data\.images_per_video=0"):
+        ImageTextDataModule(manifest, images_per_video=4)
+    datamodule = ImageTextDataModule(manifest, resolution=8, num_frames=1, frame_stride=3, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableFileWarning)
+        assert next(iter(datamodule.train_dataloader()))["video"].shape == (2, 1, 3, 8, 8)
 
 
 def test_image_is_resized_to_cover_then_centre_cropped(data_dir):
@@ -133,8 +160,28 @@ def test_joint_config_gives_video_plus_images(data_dir):
     assert all(c.startswith("video ") for c in batch["caption"])
 
 
-def test_joint_needs_an_image_manifest(data_dir):
+def test_joint_needs_an_image_manifest(data_dir, tmp_path):
     from datamodules.video_text import VideoTextDataModule
 
-    with pytest.raises(ValueError, match="image_manifest"):
+    with pytest.raises(ValueError, match=r"images_per_video=2 .*needs image_manifest.*data\.images_per_video=0"):
         VideoTextDataModule(data_dir / "video_text" / "train.csv", images_per_video=2)
+    for datamodule in (UCF101DataModule, MSRVTTDataModule):
+        with pytest.raises(ValueError, match=r"images_per_video=2 .*needs image_manifest"):
+            datamodule(tmp_path, images_per_video=2)
+
+
+@pytest.mark.parametrize("dataset", ["ucf101", "msrvtt"])
+def test_official_layout_datasets_in_joint_mode(dataset, data_dir, tmp_path):
+    if dataset == "ucf101":
+        write_ucf101(tmp_path, classes=["Archery"], num_frames=6, size=(16, 16))
+        datamodule = UCF101DataModule(tmp_path, num_frames=4, resolution=8, batch_size=2, images_per_video=3,
+                                      image_manifest=data_dir / "images" / "train.csv")
+    else:
+        write_msrvtt(tmp_path, video_ids=(7010,), train_ids=(0, 1), num_frames=6, size=(16, 16))
+        datamodule = MSRVTTDataModule(tmp_path, num_frames=4, resolution=8, batch_size=2, images_per_video=3,
+                                      image_manifest=data_dir / "images" / "train.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableFileWarning)
+        batch = next(iter(datamodule.train_dataloader()))
+    assert batch["video"].shape == (2, 4 + 3, 3, 8, 8)
+    assert all(c.startswith("image ") for captions in batch["image_captions"] for c in captions)

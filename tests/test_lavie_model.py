@@ -66,11 +66,28 @@ def test_text_encoder_trains_only_when_configured():
     assert trainable == {id(p) for p in frozen.unet.parameters()}
 
 
-def test_joint_image_video_loss_is_video_plus_weighted_image_loss():
-    model = tiny_lavie(image_loss_weight=0.25).train()
-    losses = model.diffusion_loss(video_batch(images=2), generator=torch.Generator().manual_seed(1))
-    assert set(losses) == {"loss", "loss_video", "loss_image"}
-    torch.testing.assert_close(losses["loss"], losses["loss_video"] + 0.25 * losses["loss_image"])
+@pytest.mark.parametrize("exact", ["video", "images"])
+def test_joint_loss_scores_video_frames_and_image_frames_separately(monkeypatch, exact):
+    """A UNet that predicts the target exactly on one part of the frame axis and with a known error (0.5 per
+    value, so an MSE of 0.25) on the other: each loss term must see only its own frames, and the total must
+    weight the image term. Swapping the video and image slices would give the other case's numbers."""
+    weight, frames, images = 0.3, 4, 2
+    model = tiny_lavie(image_loss_weight=weight, noise_schedule={"prediction_type": "sample"}).train()
+    batch = video_batch(frames=frames, images=images)
+    target = model.autoencoder.encode(batch["video"])  # "sample" prediction: the target is the clean latent
+
+    def fake_unet(sample, timestep, context, num_image_frames=0):
+        prediction = target.clone()  # (B, C, T+M, H, W)
+        wrong = slice(frames, None) if exact == "video" else slice(0, frames)
+        prediction[:, :, wrong] += 0.5
+        return prediction
+
+    monkeypatch.setattr(model.unet, "forward", fake_unet)
+    losses = model.diffusion_loss(batch)
+    expected_video, expected_image = (0.0, 0.25) if exact == "video" else (0.25, 0.0)
+    torch.testing.assert_close(losses["loss_video"], torch.tensor(expected_video))
+    torch.testing.assert_close(losses["loss_image"], torch.tensor(expected_image))
+    torch.testing.assert_close(losses["loss"], torch.tensor(expected_video + weight * expected_image))
 
 
 def test_image_frames_get_their_own_captions(monkeypatch):

@@ -172,7 +172,7 @@ def test_progressive_stages_chain_through_their_run_folders(tmp_path):
 def test_paper_stages_follow_section_4_1(tmp_path):
     """Paper-size schedule: images, 17 and 65 frames at 128x128, batch 64, AdamW 1e-4, each from the last stage."""
     stages = {
-        "loong_tokenizer_images": ("images", None, None, "ImageTextDataModule"),
+        "loong_tokenizer_images": ("images", 1, None, "ImageTextDataModule"),  # one-frame items
         "loong_tokenizer_17": ("clips17", 17, "images", "VideoTextDataModule"),
         "loong_tokenizer_65": ("clips65", 65, "clips17", "VideoTextDataModule"),
     }
@@ -291,3 +291,38 @@ def test_tokenizer_benchmark_measures_one_operation():
     table = bench.markdown(rows, {"date": "d", "device": "cpu", "processor": "p", "threads": 1, "torch": "t",
                                   "batch": 1, "repeats": 1, "load_average": 0})
     assert "| encode | 5 | (2, 4, 4) |" in table
+
+
+def test_generator_loss_weights_each_term_as_configured(monkeypatch):
+    """Every term of the generator loss from known parts: a reconstruction off by 0.5 everywhere (L1 = 0.5), a
+    codebook loss of 0.2, a perceptual distance of 0.7 and discriminator logits of 0.4 (adversarial term -0.4),
+    each with its own weight, so a dropped or misweighted term changes the total."""
+    from modules.components.cvq import QuantizerOutput
+
+    weights = {"reconstruction_weight": 2.0, "codebook_weight": 3.0, "perceptual_weight": 0.5}
+    model = instantiate(tiny_config("model.adversarial.start_step=0",
+                                    "model.adversarial.weight=0.25").model, _convert_="all")
+    for name, value in weights.items():
+        setattr(model, name, value)
+    model.perceptual = lambda prediction, target: torch.tensor(0.7)
+    model.discriminator.forward = lambda video: torch.full((video.shape[0], 1), 0.4)
+    video = clip(5)
+
+    def fake_reconstruct(batch):
+        indices = torch.zeros(batch.shape[0], 2, 4, 4, dtype=torch.long)
+        return batch + 0.5, QuantizerOutput(None, torch.tensor(0.2), indices, torch.tensor(1.0))
+
+    monkeypatch.setattr(model, "reconstruct", fake_reconstruct)
+    losses = model.generator_losses(video)
+    torch.testing.assert_close(losses["l1"], torch.tensor(0.5))
+    torch.testing.assert_close(losses["generator_adversarial"], torch.tensor(-0.4))
+    expected = 2.0 * 0.5 + 3.0 * 0.2 + 0.5 * 0.7 + 0.25 * -0.4
+    torch.testing.assert_close(losses["loss"], torch.tensor(expected))
+
+
+def test_discriminator_hinge_loss_by_hand():
+    from modules.loong_tokenizer import hinge_discriminator_loss
+
+    real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - x): 0, 0.5, 2 -> mean 5/6
+    fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + x): 0, 1, 2 -> mean 1
+    torch.testing.assert_close(hinge_discriminator_loss(real, fake), torch.tensor(0.5 * (5 / 6 + 1)))

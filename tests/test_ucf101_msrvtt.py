@@ -175,16 +175,29 @@ def test_clip_sampling(ucf):
 
 
 def test_unreadable_videos_are_skipped_warned_and_counted(broken_ucf):
-    dataset = UCF101Dataset(broken_ucf.root, "train", 1, num_frames=NUM_FRAMES, resolution=(8, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        items = [dataset[i] for i in range(len(dataset))]
+        dataset = UCF101Dataset(broken_ucf.root, "train", 1, num_frames=NUM_FRAMES, resolution=(8, 8))
+        items = [dataset[i] for _ in range(2) for i in range(len(dataset))]
     messages = skip_messages(caught)
     assert all(item is not None and item["video"].shape == (NUM_FRAMES, 3, 8, 8) for item in items)
     assert named(messages) == set(BROKEN)
-    assert dataset.num_skipped == len(messages) >= len(BROKEN)
-    assert messages[-1].endswith(f"skipped {dataset.num_skipped} unreadable videos so far")
+    assert dataset.num_skipped == len(messages) == len(BROKEN)  # distinct files, however often they were met
+    assert messages[-1].endswith(f"skipped {len(BROKEN)} unreadable videos so far")
     assert any("too short: 2 frames, a clip needs 16" in m for m in messages)
+
+
+def test_a_split_without_a_readable_video_says_so(tmp_path):
+    layout = write_ucf101(tmp_path, classes=["Archery"], corrupt=[ucf101_video("Archery", 3)],
+                          missing=[ucf101_video("Archery", j) for j in range(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableFileWarning)
+        with pytest.raises(ValueError) as error:
+            UCF101Dataset(layout.root, "train", 1, num_frames=4, resolution=8)
+    assert str(error.value).startswith(
+        f"no readable file in {layout.root / 'ucfTrainTestlist' / 'trainlist01.txt'}: all 3 rows are unreadable "
+        "(3 of 3 rows found unreadable so far), e.g. cannot read video"
+    )
 
 
 def test_real_clips_are_deterministic(ucf):
@@ -330,7 +343,10 @@ def test_caption_selection_is_seeded_and_independent_of_the_subset(msrvtt):
 
 
 def test_dataset_skips_unreadable_and_uses_the_seeded_caption(msrvtt):
-    dataset = MSRVTTDataset(msrvtt.root, "test", num_frames=4, resolution=(16, 16), frame_stride=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = MSRVTTDataset(msrvtt.root, "test", num_frames=4, resolution=(16, 16), frame_stride=2)
+        items = [dataset[i] for _ in range(2) for i in range(len(dataset))]
     assert len(dataset) == len(TEST_IDS)
     item = dataset[0]
     assert item["video"].shape == (4, 3, 16, 16) and item["video_id"] == "video7010"
@@ -338,14 +354,11 @@ def test_dataset_skips_unreadable_and_uses_the_seeded_caption(msrvtt):
     assert item["fps"] == pytest.approx(7.5) and item["is_image"] is False
     annotations = read_msrvtt_annotations(msrvtt.root / "test_videodatainfo.json")
     assert item["caption"] == dict(select_captions(annotations))["video7010"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        items = [dataset[i] for i in range(len(dataset))]
     messages = skip_messages(caught)
     assert {Path(re.search(r"cannot read video (\S+):", m).group(1)).name for m in messages} == {
         "video7012.mp4", "video7013.mp4"
     }
-    assert dataset.num_skipped == len(messages) >= 2
+    assert dataset.num_skipped == len(messages) == 2
     assert all(item["video_id"] not in ("video7012", "video7013") for item in items)
 
 
@@ -381,9 +394,16 @@ def test_missing_msrvtt_says_what_and_where(tmp_path, msrvtt):
     with pytest.raises(FileNotFoundError, match="no video folder.*videos/all.*TrainValVideo"):
         MSRVTTDataset(tmp_path)
     (tmp_path / "TestVideo").mkdir()
-    (tmp_path / "TestVideo" / "video7010.mp4").write_bytes(b"")  # one of six present: warn, then skip and count
-    with pytest.warns(UserWarning, match="5 of 6 videos are in none of"):
-        MSRVTTDataset(tmp_path)
+    (tmp_path / "TestVideo" / "video7010.mp4").write_bytes(b"")  # one of six present, and empty: nothing to read
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as error:
+            MSRVTTDataset(tmp_path)
+    assert any("5 of 6 videos are in none of" in str(w.message) for w in caught)
+    assert str(error.value).startswith(
+        f"no readable file in {tmp_path / 'test_videodatainfo.json'}: all 6 rows are unreadable (6 of 6 rows found"
+    )
+    assert len(skip_messages(caught)) == 6
 
 
 def test_msrvtt_datamodule_from_config(msrvtt, tmp_path):

@@ -12,18 +12,21 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from callbacks.finite_guard import NonFiniteTrainingError
 from modules.components.checkpoints import CheckpointKeyError
 
 log = logging.getLogger("t2v")
 
-# Errors that mean "the input is wrong" (a path, a checkpoint, a config value), not "the code is wrong".
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
+# Errors that mean "the input is wrong" (a path, a checkpoint, a config value), not "the code is wrong"; a run that
+# diverged (NaN loss) is reported the same way: its message names the step and the settings to look at.
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, CheckpointKeyError,
+                                                NonFiniteTrainingError)
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
+def user_error_behind(exc: BaseException) -> BaseException | None:
     """The user error behind `exc`, looking through Hydra's InstantiationException wrapping."""
     while exc is not None:
-        if isinstance(exc, (*USER_ERRORS, CheckpointKeyError)) and not isinstance(exc, InstantiationException):
+        if isinstance(exc, USER_ERRORS) and not isinstance(exc, InstantiationException):
             return exc
         exc = exc.__cause__
     return None
@@ -38,7 +41,7 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered below
-            user_error = _user_error(exc)
+            user_error = user_error_behind(exc)
             if user_error is None or os.environ.get("T2V_DEBUG"):
                 raise
             log.error("%s: %s", type(user_error).__name__, user_error)

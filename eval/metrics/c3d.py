@@ -28,6 +28,7 @@ CONV_CHANNELS = (64, 128, 256, 256, 512, 512, 512, 512)
 # The max-pools, keyed by the conv (+ReLU) they follow: (kernel = stride, ceil_mode). pool5 is chainer's cover_all.
 POOLS = {"conv1a": ((1, 2, 2), False), "conv2a": ((2, 2, 2), False), "conv3b": ((2, 2, 2), False),
          "conv4b": ((2, 2, 2), False), "conv5b": ((2, 2, 2), True)}
+OFFICIAL_INPUT_SIZE = (16, 112, 112)  # (T, H, W) of TGAN2's network: its fc6 and its mean2.npz are sized for 16 frames
 MEAN_CROP = (slice(8, 120), slice(8, 120))  # TGAN2's crop of the (128, 171) mean: rows and columns 8:120
 OFFICIAL_FILES = ("TGAN2's `conv3d_deepnetA_ucf.npz` + `mean2.npz` (pfnet-research/tgan2 README, "
                   "'Pre-trained weights'), "
@@ -52,7 +53,7 @@ class C3D(nn.Module):
         self,
         num_classes: int = 101,
         width: float = 1.0,
-        input_size: Sequence[int] = (16, 112, 112),
+        input_size: Sequence[int] = OFFICIAL_INPUT_SIZE,
         fc_dim: int = 4096,
         in_channels: int = 3,
         dropout: float = 0.5,

@@ -15,6 +15,7 @@ The FVD embedding is `logits(x)`: the 400 logits averaged over the remaining tim
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,6 +52,8 @@ AVG_POOL = (2, 7, 7)  # final VALID average pool on Mixed_5c (7x7 spatial at 224
 # Time: conv 1a, max-pools 4a and 5a halve T ("SAME": ceil), then the VALID avg-pool removes one step:
 # T' = ceil(T / 8) - 1, so the official network needs T >= 9 frames for one output step.
 MIN_FRAMES = 9
+# How `i3d_input` fits a frame into size x size: centre square then resize | resize as is | shorter side then crop.
+I3D_CROPS = ("center", "none", "short_side")
 
 
 def same_padding(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
@@ -226,11 +229,13 @@ def i3d_input(videos: torch.Tensor, size: int = 224, crop: str = "center",
     """Generator output uint8 (B, T, H, W, 3) -> I3D input float32 (B, 3, T, size, size) in [-1, 1], same device.
 
     crop="center" takes the centred H x W square (min side) and resizes it to size x size; crop="none" resizes the
-    whole frame to size x size (the google-research FVD code; aspect ratio not kept). Resizing is bilinear with
-    align_corners=False and no antialiasing (F.interpolate's default; TATS resizes the same way, shorter side
-    first then crops) on the float pixel values, without re-rounding; frames already size x size are not
-    touched. Then x = 2 * u / 255 - 1 (TF FVD / TATS / cd-fvd). `min_frames` defaults to the official
-    network's minimum (9: T' = ceil(T / 8) - 1 must be >= 1); the FVD protocols use 16.
+    whole frame to size x size (the google-research FVD code, StyleGAN-V; aspect ratio not kept);
+    crop="short_side" resizes the shorter side to `size` and the longer one to ceil(L * size / S), then takes the
+    centred size x size crop (TATS `preprocess_single`, its float ceil included). Resizing is bilinear with
+    align_corners=False and no antialiasing (F.interpolate's default, as TATS calls it) on the float pixel values,
+    without re-rounding; frames already at the target size are not touched. Then x = 2 * u / 255 - 1 (TF FVD /
+    TATS / cd-fvd). `min_frames` defaults to the official network's minimum (9: T' = ceil(T / 8) - 1 must be
+    >= 1); the FVD protocols use 16. The named presets of eval/presets/fvd.py choose `crop`.
     """
     if not isinstance(videos, torch.Tensor):
         raise ValueError(f"videos must be a torch.Tensor, got {type(videos).__name__}")
@@ -238,8 +243,8 @@ def i3d_input(videos: torch.Tensor, size: int = 224, crop: str = "center",
         raise ValueError(f"videos must be uint8 in [0, 255] (the generator output), got dtype {videos.dtype}")
     if videos.ndim != 5 or videos.shape[-1] != 3:
         raise ValueError(f"videos must be (B, T, H, W, 3) RGB, got shape {tuple(videos.shape)}")
-    if crop not in ("center", "none"):
-        raise ValueError(f"crop must be 'center' or 'none', got {crop!r}")
+    if crop not in I3D_CROPS:
+        raise ValueError(f"crop must be one of {I3D_CROPS}, got {crop!r}")
     b, t, h, w, _ = videos.shape
     if t < min_frames:
         raise ValueError(f"I3D needs at least {min_frames} frames per video (T' = ceil(T/8) - 1 >= 1 for the "
@@ -249,6 +254,13 @@ def i3d_input(videos: torch.Tensor, size: int = 224, crop: str = "center",
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         x = x[:, :, top:top + side, left:left + side]
+    elif crop == "short_side":
+        scale = size / min(h, w)  # TATS' arithmetic, float ceil included
+        target = (size, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), size)
+        if x.shape[-2:] != target:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=False)
+        top, left = (target[0] - size) // 2, (target[1] - size) // 2
+        x = x[:, :, top:top + size, left:left + size]
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
     x = 2.0 * x / 255.0 - 1.0

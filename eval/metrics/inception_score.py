@@ -4,7 +4,8 @@ Reference: pfnet-research/tgan2 `tgan2/evaluations/inception_score.py` `inceptio
 `splits` consecutive parts `ys[i*n//splits:(i+1)*n//splits]` (no shuffling), `+ eps` on every probability, the
 score of each part exp(mean_x sum_y p log(p / mean_x p)), reported as (mean, std with ddof 0) over the parts.
 TGAN2's UCF-101 protocol uses splits=1 on 2,048 videos and repeats 10 sampling loops. StyleGAN-V's `isv2048_ucf`
-shuffles rows with RandomState(42) and uses 10 splits (about 20% lower here): not what this module computes.
+shuffles rows with RandomState(42) and uses 10 splits (about 20% lower here). Both are named presets that call this
+formula on subsets of the generated videos: eval/presets/inception_score.py.
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ class Protocol(ABC):
     """One benchmark: which videos to generate (prompts, frames, count) and how to score them."""
 
     name: str = "protocol"
+    prepared: bool = False  # set by `prepare`
+    generated_fps: float | None = None  # the generator's frame rate, given to `prepare`
+    real_report: dict[str, Any] | None = None  # how the real clips were drawn and which videos were skipped (why)
 
     def __init__(self, num_frames: int, seed: int = 0, score_batch_size: int = 8, cache_dir: str | None = None,
                  limit: int | None = None):
@@ -39,7 +42,20 @@ class Protocol(ABC):
 
     @abstractmethod
     def check_inputs(self) -> None:
-        """Raise a clear error for a missing dataset or weight file, before any generator is built."""
+        """Raise a clear error for a missing dataset or weight file, or a video count the settings cannot score,
+        before any generator is built. Cheap: every rank runs it."""
+
+    def prepare(self, device: torch.device, generated_fps: float | None = None) -> None:
+        """Load the feature networks (strict key check) and compute or load the real-data statistics: everything
+        scoring needs, so that wrong weights or too little real data stop the run before the first video is
+        generated. The runner calls it on rank 0 before generation (the other ranks wait); `score` calls it when
+        nobody did. `generated_fps` is the generator's frame rate (for frame-rate matching and the record)."""
+        self.generated_fps = generated_fps
+        self._prepare(device)
+        self.prepared = True
+
+    def _prepare(self, device: torch.device) -> None:
+        """The protocol's part of `prepare`; nothing by default."""
 
     @abstractmethod
     def prompts(self) -> list[str]:
@@ -102,9 +118,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cached(cache_dir: Path | None, key: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]],
-           ) -> tuple[dict[str, torch.Tensor], bool]:
-    """`compute()` once per `key` (protocol settings + weight hashes), kept on disk under cache_dir.
+def cached(cache_dir: Path | None, key: dict[str, Any], compute: Callable[[], dict[str, Any]],
+           ) -> tuple[dict[str, Any], bool]:
+    """`compute()` once per `key` (protocol settings + weight hashes), kept on disk under cache_dir. The value is a
+    dict of tensors and plain data (str, int, float, lists, dicts: what torch.load(weights_only=True) accepts).
     Returns (value, whether it came from the cache)."""
     if cache_dir is None:
         return compute(), False

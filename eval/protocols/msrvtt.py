@@ -39,6 +39,7 @@ class MSRVTTProtocol(Protocol):
         self.root, self.annotation, self.split = Path(root), annotation, split
         self.caption_rule, self.clip_weights, self.clip_model = caption_rule, clip_weights, clip_model
         self.clip_model_kwargs = dict(clip_model_kwargs or {})  # tests shrink the towers; empty for the real one
+        self.clip = None
 
     def annotation_path(self) -> Path:
         return Path(self.annotation) if self.annotation else find_annotation(self.root, self.split)
@@ -64,10 +65,17 @@ class MSRVTTProtocol(Protocol):
             "clipsim": {"model": f"open_clip {self.clip_model} (QuickGELU, OpenAI weights)",
                         "score": "cosine(image, text) per frame, mean over frames then videos; raw, not x100",
                         "preprocess": "shorter side to 224 bicubic (antialiased), centre crop, CLIP mean/std"},
+            "frame_rate": {"generated_fps": self.generated_fps, "note": "CLIPSIM averages frames; no real videos"},
         }
 
+    def _prepare(self, device: torch.device) -> None:
+        # strict key check now, not after generation; CLIP scores any number of frames, and needs no real data
+        self.clip = load_clip(self.clip_weights, self.clip_model, device="cpu", **self.clip_model_kwargs)
+
     def score(self, out_dir: Path, jobs: list[Job], device: torch.device) -> dict[str, Any]:
-        metric = CLIPSIM(load_clip(self.clip_weights, self.clip_model, device=device, **self.clip_model_kwargs), model_name=self.clip_model)
+        if not self.prepared:
+            self.prepare(device)
+        metric = CLIPSIM(self.clip.to(device), model_name=self.clip_model)
         video_ids = [video_id for video_id, _ in self.captions()]
         per_video = {}
         for chunk, videos in generated_batches(out_dir, jobs, self.score_batch_size):
