@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
 from datamodules.video_io import write_grid_png, write_video
-from modules.base import VideoGenerator
+from modules.base import VideoGenerator, check_num_frames
 from utils.cli import user_errors_exit
 from utils.generators import build_generator
 
@@ -60,10 +60,8 @@ def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
     if cfg.num_seeds < 1 or cfg.batch_size < 1:
         raise ValueError("num_seeds and batch_size must be at least 1")
-    if cfg.num_frames is not None and (isinstance(cfg.num_frames, bool) or not isinstance(cfg.num_frames, int)
-                                       or cfg.num_frames < 1):
-        raise ValueError(f"num_frames must be a positive number of frames, or null for the model's "
-                         f"sampler.num_frames; got {cfg.num_frames!r}")
+    if cfg.num_frames is not None:
+        check_num_frames(cfg.num_frames)  # before a paper-size model is built
     model: VideoGenerator = build_generator(cfg)
 
     out_dir = Path(cfg.paths.output_dir)

@@ -32,16 +32,6 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(pixels.copy())[None]  # (1, H, W, 3)
 
 
-def check_image_source(images_per_video: int, image_manifest: str | os.PathLike | None) -> None:
-    """Joint mode (images_per_video > 0) reads its images from an image-caption manifest: fail now without one."""
-    if images_per_video > 0 and image_manifest is None:
-        raise ValueError(
-            f"images_per_video={images_per_video} (joint image-video training) needs image_manifest, a CSV/JSONL "
-            "manifest of (image, caption) rows (data.image_manifest=FILE, or data=joint); set data.images_per_video=0 "
-            "to train on videos alone"
-        )
-
-
 class ImageTextDataset(ManifestDataset):
     """Rows (image, caption) of a CSV/JSONL manifest as T=1 videos; unreadable images are skipped and counted."""
 
@@ -108,3 +98,23 @@ class ImageTextDataModule(BaseDataModule):
             return None
         random_crop = self.random_crop and split == "train"
         return ImageTextDataset(self.manifests[split], self.resolution, random_crop, *self.columns, seed=self.seed)
+
+
+class JointImagesFromManifest:
+    """Joint mode for a video datamodule whose appended images come from an image-caption manifest (video_text,
+    ucf101, msrvtt): the images get the videos' resolution, random crop (training only) and seed."""
+
+    def use_image_manifest(self, images_per_video: int, image_manifest: str | os.PathLike | None,
+                           image_column: str = "image", caption_column: str = "caption") -> None:
+        """Fail now when joint mode (images_per_video > 0) has no manifest to read its images from."""
+        if images_per_video > 0 and image_manifest is None:
+            raise ValueError(
+                f"images_per_video={images_per_video} (joint image-video training) needs image_manifest, a CSV/JSONL "
+                "manifest of (image, caption) rows (data.image_manifest=FILE, or data=joint); set "
+                "data.images_per_video=0 to train on videos alone"
+            )
+        self.image_manifest, self.image_columns = image_manifest, (image_column, caption_column)
+
+    def build_image_dataset(self, split: str) -> Dataset:
+        random_crop = self.random_crop and split == "train"
+        return ImageTextDataset(self.image_manifest, self.resolution, random_crop, *self.image_columns, self.seed)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, as_resolution
-from datamodules.images import ImageTextDataset, check_image_source
+from datamodules.images import JointImagesFromManifest
 from datamodules.transforms import video_transform
 from datamodules.ucf101 import CLIP_SAMPLING, read_clip, stable_key
 
@@ -213,7 +213,7 @@ class MSRVTTDataset(ManifestDataset):
         return {"video": video, "caption": caption, "video_id": video_id, "fps": fps, "is_image": False}
 
 
-class MSRVTTDataModule(BaseDataModule):
+class MSRVTTDataModule(JointImagesFromManifest, BaseDataModule):
     """MSR-VTT batches: training reads a random caption of each video on every access; validation the seeded one
     and the first clip. `images_per_video` > 0 with `image_manifest` gives joint mode (images from an image-caption
     manifest)."""
@@ -241,8 +241,7 @@ class MSRVTTDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
-        check_image_source(images_per_video, image_manifest)
-        self.image_manifest, self.image_columns = image_manifest, (image_column, image_caption_column)
+        self.use_image_manifest(images_per_video, image_manifest, image_column, image_caption_column)
         self.root, self.video_dirs = Path(root), tuple(video_dirs)
         self.splits = {"train": train_split, "val": val_split}
         self.annotation_files = {"train": train_annotation, "val": val_annotation}
@@ -266,7 +265,3 @@ class MSRVTTDataModule(BaseDataModule):
             random_crop=self.random_crop and train,
             seed=self.seed,
         )
-
-    def build_image_dataset(self, split: str) -> Dataset:
-        random_crop = self.random_crop and split == "train"
-        return ImageTextDataset(self.image_manifest, self.resolution, random_crop, *self.image_columns, self.seed)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, UnreadableFileWarning, as_resolution
-from datamodules.images import ImageTextDataset, check_image_source
+from datamodules.images import JointImagesFromManifest
 from datamodules.transforms import to_uint8, video_transform
 from datamodules.video_io import MediaReadError, VideoReadError, read_video, video_info
 
@@ -392,7 +392,7 @@ def real_clips(
         pass_index += 1
 
 
-class UCF101DataModule(BaseDataModule):
+class UCF101DataModule(JointImagesFromManifest, BaseDataModule):
     """UCF-101 batches (with `label`) from the official split files; validation takes the first clip of each video.
     `images_per_video` > 0 with `image_manifest` gives joint mode (images from an image-caption manifest)."""
 
@@ -418,8 +418,7 @@ class UCF101DataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
-        check_image_source(images_per_video, image_manifest)
-        self.image_manifest, self.image_columns = image_manifest, (image_column, image_caption_column)
+        self.use_image_manifest(images_per_video, image_manifest, image_column, image_caption_column)
         self.root, self.fold = Path(root), int(fold)
         self.splits = {"train": train_split, "val": val_split}
         self.num_frames, self.frame_stride, self.clip_sampling = num_frames, frame_stride, clip_sampling
@@ -441,7 +440,3 @@ class UCF101DataModule(BaseDataModule):
             random_crop=self.random_crop and train,
             seed=self.seed,
         )
-
-    def build_image_dataset(self, split: str) -> Dataset:
-        random_crop = self.random_crop and split == "train"
-        return ImageTextDataset(self.image_manifest, self.resolution, random_crop, *self.image_columns, self.seed)

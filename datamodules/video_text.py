@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule, ManifestDataset, Resolution, as_resolution
-from datamodules.images import ImageTextDataset, check_image_source
+from datamodules.images import JointImagesFromManifest
 from datamodules.transforms import video_transform
 from datamodules.video_io import VideoReadError, read_video, video_info
 
@@ -54,7 +54,7 @@ class VideoTextDataset(ManifestDataset):
         }
 
 
-class VideoTextDataModule(BaseDataModule):
+class VideoTextDataModule(JointImagesFromManifest, BaseDataModule):
     """Video-caption batches from manifests; `images_per_video` > 0 with `image_manifest` gives joint mode."""
 
     def __init__(
@@ -76,12 +76,11 @@ class VideoTextDataModule(BaseDataModule):
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers, images_per_video=images_per_video, seed=seed)
         self.save_hyperparameters(logger=False)
-        check_image_source(images_per_video, image_manifest)
+        self.use_image_manifest(images_per_video, image_manifest, image_column, caption_column)
         self.manifests = {"train": manifest, "val": val_manifest}
-        self.image_manifest = image_manifest
         self.num_frames, self.frame_stride = num_frames, frame_stride
         self.resolution, self.random_crop = as_resolution(resolution), random_crop
-        self.columns = {"video": video_column, "caption": caption_column, "image": image_column}
+        self.columns = {"video": video_column, "caption": caption_column}
 
     def build_dataset(self, split: str) -> Dataset | None:
         if self.manifests[split] is None:
@@ -97,10 +96,4 @@ class VideoTextDataModule(BaseDataModule):
             video_column=self.columns["video"],
             caption_column=self.columns["caption"],
             seed=self.seed,
-        )
-
-    def build_image_dataset(self, split: str) -> Dataset:
-        random_crop = self.random_crop and split == "train"
-        return ImageTextDataset(
-            self.image_manifest, self.resolution, random_crop, self.columns["image"], self.columns["caption"], self.seed
         )

@@ -57,11 +57,7 @@ class VideoGenerator(LightningModule):
     @staticmethod
     def frames_to_generate(num_frames: Any, default: int) -> int:
         """`num_frames`, or `default` (the sampler's) when it is None; anything but a positive int is an error."""
-        frames = default if num_frames is None else num_frames
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ValueError(f"num_frames must be a positive number of frames (or None for the sampler's "
-                             f"{default}), got {num_frames!r}")
-        return frames
+        return default if num_frames is None else check_num_frames(num_frames)
 
     @staticmethod
     def seeds_for(prompts: list[str], seed: int | list[int]) -> list[int]:
@@ -72,6 +68,15 @@ class VideoGenerator(LightningModule):
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one int or one seed per prompt")
         return seeds
+
+
+def check_num_frames(num_frames: Any) -> int:
+    """A frame count asked of a generator: a positive int, or a ValueError that says so (None means "the sampler's
+    own" to `generate` and sample.py, and is handled by them)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive number of frames (or null/None for the model's "
+                         f"sampler.num_frames), got {num_frames!r}")
+    return num_frames
 
 
 def validate_model_config(cfg: Any, require_generator: bool = False) -> None:

@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from callbacks.finite_guard import first_non_finite
 from modules.base import VideoGenerator, validate_model_config
 from modules.components.checkpoints import load_state_dict_checked, read_state_dict
 
@@ -19,8 +20,7 @@ def load_training_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     if "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint from train.py (no 'state_dict' entry); official "
                          "weights are loaded with the model's pretrained options instead")
-    bad = next((k for k, v in checkpoint["state_dict"].items()
-                if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = first_non_finite(checkpoint["state_dict"].items())
     if bad is not None:
         raise ValueError(f"{path} holds non-finite weights (e.g. {bad}): it was written by a run that diverged; "
                          "sample from an earlier checkpoint of that run")
