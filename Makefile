@@ -1,4 +1,4 @@
-# make demo: train the CPU-sized LaVie on the embedded synthetic dataset, sample videos, print where they are.
+# make demo: train the CPU-sized LaVie on the embedded synthetic dataset, sample videos, print what they show.
 # make test: the test suite. Both create the virtual environment (.venv) on first use.
 PYTHON ?= python3
 VENV := .venv

@@ -17,12 +17,12 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import track
 
 from datamodules.video_io import write_grid_png, write_video
 from modules.base import VideoGenerator, check_num_frames
 from utils.cli import user_errors_exit
 from utils.generators import build_generator
+from utils.progress import WorkProgress
 
 log = logging.getLogger("t2v")
 GRID_MAX_VIDEOS = 16
@@ -78,16 +78,27 @@ def sample(cfg: DictConfig) -> Path:
     }
     grid_videos = []
     batches = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
-    for batch in track(batches, description="generating"):
-        videos = model.generate([prompt for _, prompt, _ in batch], num_frames=cfg.num_frames,
-                                seed=[seed for _, _, seed in batch])
-        for (p, prompt, seed), video in zip(batch, videos):
-            path = out_dir / f"{p:03d}_{slug(prompt)}_seed{seed}.mp4"
-            write_video(path, video, fps=model.fps)
-            record["videos"].append({"prompt": prompt, "seed": seed, "file": path.name, "frames": int(video.shape[0])})
-            if len(grid_videos) < GRID_MAX_VIDEOS:
-                grid_videos.append(video)
-        write_json_atomic(out_dir / "samples.json", record)  # after every batch: an interrupted run keeps its list
+    # The bar counts denoising (or token) steps, which `generate` reports: a batch of videos can take minutes, so a
+    # bar over batches would sit at 0% for most of a short run.
+    with WorkProgress(f"generating {len(jobs)} videos", unit="steps", every_seconds=10) as bar:
+        for k, batch in enumerate(batches):
+            def step_done(done: int, steps: int, k: int = k) -> None:
+                bar.total = steps * len(batches)
+                bar.update(k * steps + done)
+
+            videos = model.generate([prompt for _, prompt, _ in batch], num_frames=cfg.num_frames,
+                                    seed=[seed for _, _, seed in batch], progress=step_done)
+            if bar.total is None or bar.unit == "batches":  # a generate that does not report its steps
+                bar.unit, bar.total = "batches", len(batches)
+                bar.update(k + 1)
+            for (p, prompt, seed), video in zip(batch, videos):
+                path = out_dir / f"{p:03d}_{slug(prompt)}_seed{seed}.mp4"
+                write_video(path, video, fps=model.fps)
+                record["videos"].append({"prompt": prompt, "seed": seed, "file": path.name,
+                                         "frames": int(video.shape[0])})
+                if len(grid_videos) < GRID_MAX_VIDEOS:
+                    grid_videos.append(video)
+            write_json_atomic(out_dir / "samples.json", record)  # after every batch: an interrupted run keeps its list
     write_grid_png(out_dir / "grid.png", torch.stack(grid_videos))
     print(f"wrote {len(jobs)} videos, grid.png and samples.json to {out_dir}")
     return out_dir

@@ -57,15 +57,19 @@ _MOTION_PHRASES = {
 _ROTATION_SHAPES = tuple(s for s in SHAPES if s != "circle")
 # Half of each shape's symmetry angle: the largest visible change, the last frame as different from the first as
 # it can be (a full symmetry period would end where it started).
-_HALF_SYMMETRY = {"square": np.pi / 4, "triangle": np.pi / 3, "star": np.pi / 5, "cross": np.pi / 4}
+HALF_SYMMETRY = {"square": np.pi / 4, "triangle": np.pi / 3, "star": np.pi / 5, "cross": np.pi / 4}
 
 # Object radius as a fraction of the shorter side: the object spans about 0.6 of the frame. At 32x32 a third of the
 # frame (radius 0.19, 11% of the pixels) was too small a part of the diffusion loss for the tiny LaVie to bind
 # colour words within the demo's run (docs/tiny_lavie.md: colour-swapped captions left the loss unchanged after
 # 1500 steps; at 0.3 the colour shows in the model's predictions by step 500).
 _RADIUS = 0.3
-_TRAVEL = 0.4  # left/right/up/down: distance travelled over the clip, as a fraction of the frame
-_SIZE_RANGE = (0.55, 1.45)  # grow/shrink: radius multiplier at the ends of the clip
+# Objects start upright, up to this many radians off. Drawn at any angle (as up to 2026-12), every shape averaged
+# over its angle is a round blob: that average is what a denoiser predicts from a noisy frame before the angle can
+# be told, so the tiny LaVie drew blobs for every shape word (docs/tiny_lavie.md, session 6).
+ANGLE_JITTER = 0.15
+TRAVEL = 0.4  # left/right/up/down: distance travelled over the clip, as a fraction of the frame
+SIZE_RANGE = (0.55, 1.45)  # grow/shrink: radius multiplier at the ends of the clip
 _SPLITS = {"train": 0, "val": 1, "test": 2}  # separate seed streams, so val items are not train items
 
 
@@ -120,7 +124,8 @@ def attributes_for(index: int, seed: int = 0, split: str = "train", image_mode: 
 
 def _draw_layout(rng: np.random.Generator) -> Layout:
     cx, cy = 0.5 + rng.uniform(-0.05, 0.05, size=2)
-    return Layout(cx, cy, _RADIUS * rng.uniform(0.9, 1.1), rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0]))
+    angle = rng.uniform(-ANGLE_JITTER, ANGLE_JITTER)
+    return Layout(cx, cy, _RADIUS * rng.uniform(0.9, 1.1), angle, rng.choice([-1.0, 1.0]))
 
 
 def _trajectory(attributes: Attributes, layout: Layout, t: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -129,15 +134,15 @@ def _trajectory(attributes: Attributes, layout: Layout, t: np.ndarray) -> tuple[
     radius, angle = np.full_like(t, layout.radius), np.full_like(t, layout.angle)
     motion = attributes.motion
     if motion in ("left", "right"):
-        cx = cx + _TRAVEL * (t - 0.5) * (1 if motion == "right" else -1)
+        cx = cx + TRAVEL * (t - 0.5) * (1 if motion == "right" else -1)
     elif motion in ("up", "down"):
-        cy = cy + _TRAVEL * (t - 0.5) * (1 if motion == "down" else -1)  # image rows grow downwards
+        cy = cy + TRAVEL * (t - 0.5) * (1 if motion == "down" else -1)  # image rows grow downwards
     elif motion in ("grow", "shrink"):
-        low, high = _SIZE_RANGE
+        low, high = SIZE_RANGE
         growth = t if motion == "grow" else 1 - t
         radius = radius * (low + (high - low) * growth)
     elif motion == "rotate":
-        angle = angle + layout.spin * _HALF_SYMMETRY[attributes.shape] * t
+        angle = angle + layout.spin * HALF_SYMMETRY[attributes.shape] * t
     return cx, cy, radius, angle
 
 
@@ -181,22 +186,31 @@ def _background(name: str, height: int, width: int) -> np.ndarray:
     return tone_a * (1 - checker) + tone_b * checker
 
 
+def coverage(shape: str, cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, angle: np.ndarray,
+             resolution: Resolution) -> np.ndarray:
+    """float32 [N, H, W] in [0, 1]: how much of each pixel `shape` covers, for N placements given as arrays [N] of
+    centre x, y (fractions of width/height), radius (fraction of the shorter side) and angle (radians), with a
+    one-pixel antialiased edge. What `render` blends with, and what a recogniser compares a drawn object with."""
+    height, width = resolution
+    cx, cy, radius, angle = (np.asarray(a, dtype=np.float32).reshape(-1, 1, 1) for a in (cx, cy, radius, angle))
+    # Pixel centres in units of the shorter side, so shapes stay round on non-square frames.
+    side = min(height, width)
+    xs = ((np.arange(width, dtype=np.float32) + 0.5) / side)[None, None, :]  # (1, 1, W)
+    ys = ((np.arange(height, dtype=np.float32) + 0.5) / side)[None, :, None]  # (1, H, 1)
+    dx, dy = xs - cx * (width / side), ys - cy * (height / side)  # (N, 1, W), (N, H, 1)
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (dx * cos + dy * sin) / radius  # (N, H, W) object coordinates, unit = radius
+    v = (dy * cos - dx * sin) / radius
+    distance_px = _SHAPE_DISTANCE[shape](u, v) * (radius * side)
+    return np.clip(0.5 - distance_px, 0.0, 1.0)
+
+
 def render(attributes: Attributes, num_frames: int, resolution: Resolution, layout: Layout | None = None) -> np.ndarray:
     """uint8 [T, H, W, 3] showing `attributes`; `layout` defaults to a centred, upright, mid-sized object."""
     height, width = resolution
     layout = layout or Layout(0.5, 0.5, _RADIUS, 0.0, 1.0)
     t = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.zeros(1)
-    cx, cy, radius, angle = (a.astype(np.float32)[:, None, None] for a in _trajectory(attributes, layout, t))  # (T,1,1)
-    # Pixel centres in units of the shorter side, so shapes stay round on non-square frames.
-    side = min(height, width)
-    xs = ((np.arange(width, dtype=np.float32) + 0.5) / side)[None, None, :]  # (1, 1, W)
-    ys = ((np.arange(height, dtype=np.float32) + 0.5) / side)[None, :, None]  # (1, H, 1)
-    dx, dy = xs - cx * (width / side), ys - cy * (height / side)  # (T, 1, W), (T, H, 1)
-    cos, sin = np.cos(angle), np.sin(angle)
-    u = (dx * cos + dy * sin) / radius  # (T, H, W) object coordinates, unit = radius
-    v = (dy * cos - dx * sin) / radius
-    distance_px = _SHAPE_DISTANCE[attributes.shape](u, v) * (radius * side)
-    alpha = np.clip(0.5 - distance_px, 0.0, 1.0)[..., None]  # (T, H, W, 1), one-pixel antialiased edge
+    alpha = coverage(attributes.shape, *_trajectory(attributes, layout, t), (height, width))[..., None]  # (T,H,W,1)
     background = _background(attributes.background, height, width)  # (H, W, 3)
     colour = np.array(RGB[attributes.colour], dtype=np.float32)
     frames = background + alpha * (colour - background)  # (T, H, W, 3), alpha-blended

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
 from datamodules.video_io import write_video
+from utils.progress import WorkProgress
 
 MANIFEST = "manifest.json"
 DEFAULT_FPS = 8  # written into the mp4 of a generator without an `fps` attribute
@@ -94,16 +93,24 @@ def generate_shard(
     """Generate this rank's missing videos with `model.generate` (the VideoGenerator contract); return how many
     were written. Videos leave the device as uint8 right after each block, so nothing piles up on the GPU."""
     out_dir = Path(out_dir)
-    todo = [block for block in shard(jobs, batch_size, rank, world_size) if missing(block, out_dir)]
-    done = sum(len(b) for b in shard(jobs, batch_size, rank, world_size)) - sum(len(missing(b, out_dir)) for b in todo)
+    mine = shard(jobs, batch_size, rank, world_size)
+    todo = [block for block in mine if missing(block, out_dir)]
+    total = sum(len(b) for b in mine)
+    done = total - sum(len(missing(b, out_dir)) for b in todo)
     written = 0
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"generating (rank {rank}/{world_size})", total=done + sum(len(b) for b in todo),
-                            completed=done)
+    # Counted in videos, moved on after every denoising step of a block (a block of videos can take minutes); the
+    # videos finished before this run count as done but not towards the rate the time left is computed from.
+    with WorkProgress(f"generating (rank {rank}/{world_size})", total=total, completed=done, unit="videos",
+                      enabled=progress, every_seconds=60) as bar:
         for block in todo:
             wanted = {job.index for job in missing(block, out_dir)}
+            start = bar.completed
+
+            def step_done(step: int, steps: int, start: float = start, size: int = len(wanted)) -> None:
+                bar.update(start + size * step / steps)
+
             videos = model.generate([job.prompt for job in block], num_frames=num_frames,
-                                    seed=[job.seed for job in block])
+                                    seed=[job.seed for job in block], progress=step_done)
             if videos.ndim != 5 or videos.shape[:2] != (len(block), num_frames):
                 # a video of another length would be deleted as invalid by every later run, and never scored
                 raise ValueError(f"{type(model).__name__}.generate returned videos of shape {tuple(videos.shape)} "
@@ -114,7 +121,7 @@ def generate_shard(
                     write_video(video_path(out_dir, job.index), video.cpu(),
                                 fps=fps or getattr(model, "fps", DEFAULT_FPS))
                     written += 1
-            bar.advance(task, len(block))
+            bar.update(start + len(wanted))
             del videos
     return written
 

@@ -53,13 +53,73 @@ def generator_record(cfg: DictConfig, model: Any) -> dict[str, Any]:
     }
 
 
-def write_results(out_dir: Path, protocol: Protocol, results: dict[str, Any]) -> None:
+def _cell(value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def protocol_summary(settings: dict[str, Any]) -> str:
+    """The protocol settings a score depends on, in one table cell: the short top-level settings (frames, split,
+    seeds, limit, ...), each metric's preset and real-clip count, the real clips' frame stride, and the synthetic
+    protocol's feature-net training settings (`default` = eval/synthetic_nets.py's defaults, the documented nets).
+    Everything is in results.json."""
+    parts = []
+    for key, value in settings.items():
+        if key == "protocol" or value is None or isinstance(value, (dict, list)):
+            continue
+        if isinstance(value, str) and (len(value) > 24 or "/" in value):
+            continue  # descriptions and paths: in results.json
+        parts.append(f"{key}={value}")
+    for name, node in settings.items():
+        if not isinstance(node, dict):
+            continue
+        preset = node.get("preset")
+        if isinstance(preset, dict) and preset.get("name"):
+            parts.append(f"{name}.preset={preset['name']}")
+        real = node.get("real")
+        if isinstance(real, dict) and real.get("num_clips") is not None:
+            parts.append(f"{name}.real_clips={real['num_clips']}")
+    stride = (settings.get("frame_rate") or {}).get("real_frame_stride")
+    if stride is not None:
+        parts.append(f"real_frame_stride={stride}")
+    for kind, net in (settings.get("feature_nets") or {}).items():
+        own = {k: v for k, v in net.items() if k not in ("num_frames", "resolution", "seed")}
+        parts.append(f"{kind} net: " + (" ".join(f"{k}={v}" for k, v in own.items()) if own else "default"))
+    return ", ".join(parts)
+
+
+def sampler_summary(generator: dict[str, Any]) -> str:
+    """The sampler settings the videos were made with (steps, guidance, size) and the precision; the frame count is
+    the protocol's (generate is asked for it), not the sampler's default."""
+    sampler = {k: v for k, v in (generator.get("sampler") or {}).items()
+               if k != "num_frames" and v not in (None, "") and not isinstance(v, (dict, list))}
+    parts = [f"{k}={v}" for k, v in sampler.items()]
+    if generator.get("precision") not in (None, "fp32"):
+        parts.append(f"precision={generator['precision']}")
+    return ", ".join(parts) or "-"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """results.md: a markdown table row that names its run and the settings its numbers depend on, so rows of
+    different runs can be put side by side: scores measured under other protocol settings, feature networks (their
+    weight hashes) or sampler settings are not comparable. The full record is results.json, linked."""
+    metrics = {k: v for k, v in results["metrics"].items() if not isinstance(v, (dict, list))}
+    weights = ", ".join(f"{name} {w['sha256'][:10]}" for name, w in (results.get("weights") or {}).items()) or "-"
+    generator = results["generator"]
+    header = ["run", "checkpoint", "videos", *metrics, "protocol settings", "sampler", "feature-net weights",
+              "all settings"]
+    row = [results.get("run_name") or "-", generator.get("checkpoint") or "-", results["num_videos"],
+           *metrics.values(), protocol_summary(results["protocol"]), sampler_summary(generator), weights,
+           "[results.json](results.json)"]
+    return ("| " + " | ".join(_cell(h) for h in header) + " |\n|" + "---|" * len(header) + "\n| "
+            + " | ".join(_cell(v) for v in row) + " |\n")
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp, out_dir / "results.json")
-    header, row = protocol.table_row(results)
-    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |\n"
-    (out_dir / "results.md").write_text(table)
+    (out_dir / "results.md").write_text(results_table(results))
 
 
 def skip_record(protocol: Protocol, folder: FolderCheck) -> dict[str, Any]:
@@ -132,6 +192,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     started = time.time()
     metrics = protocol.score(out_dir, jobs, device)
     results = {
+        # the folder's name when run_name cannot be resolved (a config composed outside @hydra.main)
+        "run_name": OmegaConf.select(cfg, "run_name", throw_on_resolution_failure=False) or out_dir.name,
         "protocol": protocol.settings(),
         "metrics": metrics,
         "num_videos": len(jobs),
@@ -146,7 +208,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         "score_seconds": round(time.time() - started, 1),
         "command": " ".join(sys.argv),
     }
-    write_results(out_dir, protocol, results)
+    write_results(out_dir, results)
     summary = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     print(f"{protocol.name}: {summary}\nresults: {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return results

@@ -49,7 +49,7 @@ from modules.components.checkpoints import load_state_dict_checked
 ATTRIBUTES = ("shape", "colour", "motion")
 ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": COLOURS, "motion": MOTIONS}
 KINDS = ("i3d", "c3d")
-FORMAT_VERSION = 2  # bump when training, preprocessing or the dataset's drawing changes (2: larger objects)
+FORMAT_VERSION = 3  # bump when training, preprocessing or the dataset's drawing changes (2: larger objects, 3: upright)
 DEFAULT_DIR = Path("data/synthetic_nets")
 C3D_INPUT_SCALE = 128.0  # tgan2_preprocess multiplies [-1, 1] inputs by 128
 MAKE_HINT = "run `python eval/train_synthetic_nets.py` to make it (I3D ~8 min, C3D ~4.5 min on 2 CPU cores)"

@@ -1,16 +1,21 @@
 """The one contract every text-to-video backbone fulfils.
 
 `sample.py`, the callbacks and `eval/` talk to a generator only through this class, so a new backbone is a
-module file, its components and a config. See DESIGN.md ("The generator contract").
+module file, its components and a config. See docs/design.md ("The generator contract").
 """
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from hydra.utils import get_class
 from lightning import LightningModule
+
+# progress(done, total): called by `generate` after each of the `total` denoising (or token) steps of one call, so
+# sample.py and eval/ can show progress within a batch of videos (which may take minutes)
+ProgressHook = Callable[[int, int], None]
 
 
 class VideoGenerator(LightningModule):
@@ -33,12 +38,15 @@ class VideoGenerator(LightningModule):
         prompts: list[str],
         num_frames: int | None = None,
         seed: int | list[int] = 0,
+        progress: ProgressHook | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         """Videos for `prompts` as uint8 [B, T, H, W, 3]; the same seed gives the same video.
 
         `seed` is one int for the whole batch (video i uses seed + i) or one int per prompt. Sampler settings
         come from the model config's `sampler` section; `overrides` replace them for this call only.
+        `progress(done, total)`, when given, is called after each denoising (or token) step; it never changes
+        the videos.
         """
 
     @abstractmethod

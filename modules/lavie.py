@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from modules.base import VideoGenerator
+from modules.base import ProgressHook, VideoGenerator
 from modules.components.checkpoints import load_state_dict_checked, read_state_dict
 from modules.components.text_encoder import ClipTextEncoder
 from modules.components.video_unet import VideoUNet
@@ -57,6 +57,14 @@ class LaVie(VideoGenerator):
         self.fps = fps
         self.train_scheduler = DDPMScheduler.from_config(self.noise_schedule)
 
+        expected = self.autoencoder.latent_channels + (3 if getattr(unet, "coordinate_channels", False) else 0)
+        if unet.config.in_channels != expected:
+            raise ValueError(
+                f"model.unet.in_channels is {unet.config.in_channels} but the autoencoder gives "
+                f"{self.autoencoder.latent_channels} latent channels"
+                + (" plus 3 coordinate channels" if expected != self.autoencoder.latent_channels else "")
+                + f": set model.unet.in_channels={expected}"
+            )
         self.autoencoder.requires_grad_(False)
         self.text_encoder.requires_grad_(train_text_encoder)
 
@@ -197,7 +205,7 @@ class LaVie(VideoGenerator):
         prompts: list[str],
         num_frames: int | None = None,
         seed: int | list[int] = 0,
-        progress: bool = False,
+        progress: ProgressHook | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         if isinstance(prompts, str) or not prompts:

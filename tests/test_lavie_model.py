@@ -195,3 +195,22 @@ def test_text_context_length_is_checked(max_length):
     config = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "lavie_tiny.yaml").text_encoder.config)
     with pytest.raises(ValueError, match="max_length must be in 2..77"):
         ClipTextEncoder(config, max_length=max_length)
+
+
+@pytest.mark.parametrize("unet, message", [
+    ({"in_channels": 6}, "model.unet.in_channels=3"),
+    ({"coordinate_channels": True}, "plus 3 coordinate channels: set model.unet.in_channels=6"),
+])
+def test_unet_input_channels_must_match_the_latents(unet, message):
+    with pytest.raises(Exception) as raised:  # Hydra wraps the model's ValueError in an InstantiationException
+        tiny_lavie(unet=unet)
+    error = raised.value if isinstance(raised.value, ValueError) else raised.value.__cause__
+    assert isinstance(error, ValueError) and message in str(error)
+
+
+def test_coordinate_channels_train_and_sample():
+    model = tiny_lavie(unet={"coordinate_channels": True, "in_channels": 6})
+    batch = video_batch(images=2)
+    model.diffusion_loss(batch)["loss"].backward()
+    assert model.unet.conv_in.weight.grad[:, 3:].abs().sum() > 0  # the coordinate channels feed the first layer
+    assert model.eval().generate(["a red circle"], seed=0).shape == (1, 4, 16, 16, 3)

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from modules.components.checkpoints import CheckpointKeyError
-from modules.components.video_unet import SpatioTemporalBlock, VideoUNet
+from modules.components.video_unet import SpatioTemporalBlock, VideoUNet, coordinate_grid
 from tests.sd_layout import TINY_UNET, randomize_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -232,3 +232,46 @@ def test_from_config_keeps_the_video_class(unet2d):
     # and from the 2D UNet's config: the image config inflates
     from_2d = VideoUNet.from_config(unet2d.config)
     assert type(from_2d) is VideoUNet and len(list(from_2d.temporal_blocks())) == 7
+
+
+# ------------------------------------------------------------------ position options of the CPU-sized recipe
+def _randomized_video_unet(**options) -> VideoUNet:
+    torch.manual_seed(4)
+    unet = VideoUNet(**{**SMALL_UNET, **options})
+    return randomize_(unet, seed=5).eval()  # temporal output projections non-zero, so temporal attention acts
+
+
+@torch.no_grad()
+def test_position_options_off_keep_official_keys_and_outputs():
+    """Both options are off by default, add no weights, and a model with them off is the plain VideoUNet."""
+    plain, off = _randomized_video_unet(), _randomized_video_unet(frame_positions=False, coordinate_channels=False)
+    assert plain.state_dict().keys() == _randomized_video_unet(frame_positions=True).state_dict().keys()
+    sample, timesteps, context = inputs()
+    assert_close(off(sample, timesteps, context), plain(sample, timesteps, context))
+
+
+@torch.no_grad()
+def test_frame_positions_tell_identical_frames_apart():
+    """With relative positions only, a clip of identical frames gives identical frames out (no frame can tell where
+    it is); the sinusoidal frame encoding breaks that, which is what lets a model place a moving object."""
+    sample, timesteps, context = inputs()
+    still = sample[:, :, :1].expand(-1, -1, F, -1, -1).contiguous()
+    relative = _randomized_video_unet()(still, timesteps, context)
+    assert_close(relative[:, :, 1:], relative[:, :, :1].expand_as(relative[:, :, 1:]))
+    absolute = _randomized_video_unet(frame_positions=True)(still, timesteps, context)
+    assert (absolute[:, :, 1:] - absolute[:, :, :1]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_coordinate_channels_are_x_y_and_frame_time_appended_to_the_input():
+    sample, timesteps, context = inputs(frames=F + 2)  # F video frames, then 2 image frames
+    grid = coordinate_grid(sample, video_frames=F)
+    assert grid.shape == (B, 3, F + 2, H, W)
+    assert_close(grid[0, 0, 0, 0], torch.linspace(-1, 1, W))  # x across the columns
+    assert_close(grid[0, 1, 0, :, 0], torch.linspace(-1, 1, H))  # y down the rows
+    assert_close(grid[0, 2, :, 0, 0], torch.cat([torch.linspace(-1, 1, F), torch.zeros(2)]))  # images are stills
+    with_coordinates = _randomized_video_unet(coordinate_channels=True, in_channels=C + 3)
+    plain = VideoUNet(**{**SMALL_UNET, "in_channels": C + 3}).eval()
+    plain.load_state_dict(with_coordinates.state_dict())
+    assert_close(with_coordinates(sample, timesteps, context, num_image_frames=2),
+                 plain(torch.cat([sample, grid], dim=1), timesteps, context, num_image_frames=2))

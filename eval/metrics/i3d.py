@@ -4,7 +4,7 @@ A TF-faithful re-implementation of DeepMind's kinetics-i3d (the TF-Hub module th
 state-dict keys are those of piergiaj/pytorch-i3d, i.e. of TATS' `i3d_pretrained_400.pt`:
 `Conv3d_1a_7x7.conv3d.weight`, `Conv3d_1a_7x7.bn.*`, `Mixed_3b.b0.conv3d.weight`, ..., `logits.conv3d.bias`.
 
-TF semantics kept (they change the numbers, see /work/shared/fixtures/eval/README.md section 1):
+TF semantics kept (they change the numbers, see $FIXTURES_DIR/eval/README.md section 1):
 - "SAME" padding computed from the input size at every forward (asymmetric when the total is odd);
 - BatchNorm eps 1e-3 (Sonnet v1); the VideoGPT/TATS/cd-fvd port uses PyTorch's 1e-5 and differs by ~1.5 logits;
 - zero padding before every max-pool (its inputs are post-ReLU, so zero == -inf padding);

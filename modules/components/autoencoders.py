@@ -1,7 +1,9 @@
 """Frame autoencoders that map videos [B, T, C, H, W] in [-1, 1] to diffusion latents [B, c, T, h, w] and back.
 
 `KLAutoencoder` is diffusers' `AutoencoderKL` (Stable Diffusion's VAE, frozen, latents scaled by 0.18215) applied
-per frame. `IdentityAutoencoder` lets CPU-sized recipes diffuse directly in pixel space with the same model code.
+per frame. `IdentityAutoencoder` lets CPU-sized recipes diffuse directly in pixel space with the same model code;
+`SpaceToDepthAutoencoder` is its lossless, weight-free stand-in for the VAE's downsampling: each f x f pixel block
+becomes one latent pixel with 3 f^2 channels, so the UNet runs at 1/f the resolution (f^2 fewer FLOPs per layer).
 """
 from __future__ import annotations
 
@@ -32,6 +34,34 @@ class IdentityAutoencoder(nn.Module):
 
     def load_from_sd_folder(self, sd_path: str | Path) -> None:
         raise ValueError("an identity autoencoder has no weights to load; use KLAutoencoder for SD folders")
+
+
+class SpaceToDepthAutoencoder(nn.Module):
+    """Pixel blocks as latent channels (`pixel_unshuffle`): [B, T, C, H, W] -> [B, C f^2, T, H/f, W/f], exactly
+    invertible. A CPU-sized model then diffuses at (H/f, W/f), as the paper-size one diffuses in the VAE's 8x smaller
+    latent space, without a VAE to train or load."""
+
+    def __init__(self, channels: int = 3, factor: int = 2):
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor}")
+        self.factor = int(factor)
+        self.latent_channels = channels * self.factor**2
+        self.downsample_factor = self.factor
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        height, width = video.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"frame size {height}x{width} is not divisible by the space-to-depth factor {self.factor}")
+        latents = nn.functional.pixel_unshuffle(rearrange(video, "b t c h w -> (b t) c h w"), self.factor)
+        return rearrange(latents, "(b t) c h w -> b c t h w", b=video.shape[0])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        frames = nn.functional.pixel_shuffle(rearrange(latents, "b c t h w -> (b t) c h w"), self.factor)
+        return rearrange(frames, "(b t) c h w -> b t c h w", b=latents.shape[0])
+
+    def load_from_sd_folder(self, sd_path: str | Path) -> None:
+        raise ValueError("a space-to-depth autoencoder has no weights to load; use KLAutoencoder for SD folders")
 
 
 class KLAutoencoder(nn.Module):

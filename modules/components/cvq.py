@@ -5,7 +5,7 @@ that no encoder feature picks drift away and die; CVQ tracks each code's usage w
 step, pulls rarely used codes onto an "anchor" feature of the current batch, so all K codes stay in play.
 
 This reproduces the official `VectorQuantiser` (lyndonzheng/CVQ-VAE `quantise.py`); the order of operations is
-checked against `shared/fixtures/loong` (README there). Per forward, with features z (N, C) channels-last:
+checked against `$FIXTURES_DIR/loong` (README there). Per forward, with features z (N, C) channels-last:
 
     d        = normalize(z) normalize(W)^T            (N, K) cosine similarity ("l2": -|z - w|^2)
     idx      = argmax_k d;  z_q = W[idx]               (codebook BEFORE this step's update)

@@ -1,7 +1,7 @@
 """LaVie's temporal self-attention: attention across the frames of each spatial location.
 
 Matches the official module (Vchitect/LaVie `base/models/attention.py`, `TemporalAttention`) in key names and
-maths, so `lavie_base.pt` loads strictly and the fixtures in `shared/fixtures/lavie` are reproduced:
+maths, so `lavie_base.pt` loads strictly and the fixtures in `$FIXTURES_DIR/lavie` are reproduced:
 
     q, k, v = x Wq, x Wk, x Wv               (no bias)
     q       = q * dim_head**-0.5             (scaled BEFORE the rotary encoding, queries only)

@@ -8,6 +8,7 @@ the SD UNet (which loads strictly) plus, per block, the official LaVie temporal 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,30 @@ from modules.components.temporal_attention import TemporalAttention
 TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.")
 
 
+def frame_position_encoding(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal encoding of each frame's index, [frames, dim] (Vaswani et al.; what AnimateDiff's motion modules
+    add before temporal attention). Weight-free, so checkpoints keep LaVie's keys."""
+    position = torch.arange(frames, device=device, dtype=torch.float32)[:, None]
+    rates = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    encoding = torch.zeros(frames, dim, device=device)
+    encoding[:, 0::2] = torch.sin(position * rates)
+    encoding[:, 1::2] = torch.cos(position * rates[: dim // 2])
+    return encoding.to(dtype)
+
+
+def coordinate_grid(sample: torch.Tensor, video_frames: int) -> torch.Tensor:
+    """[B, 3, F, H, W]: x, y and frame time, each from -1 to 1 across the frame or the video's frames; appended
+    image frames (after the video frames) are stills and get time 0."""
+    batch, _, frames, height, width = sample.shape
+    kwargs = {"device": sample.device, "dtype": sample.dtype}
+    xs = torch.linspace(-1, 1, width, **kwargs).view(1, 1, width).expand(frames, height, width)
+    ys = torch.linspace(-1, 1, height, **kwargs).view(1, height, 1).expand(frames, height, width)
+    time = torch.zeros(frames, **kwargs)
+    time[:video_frames] = torch.linspace(-1, 1, video_frames, **kwargs) if video_frames > 1 else 0
+    ts = time.view(frames, 1, 1).expand(frames, height, width)
+    return torch.stack([xs, ys, ts]).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+
+
 class SpatioTemporalBlock(nn.Module):
     """LaVie's ST-Transformer block. Adopts the spatial sub-modules of a diffusers `BasicTransformerBlock`
     (same names, same weights) and adds `norm_temp` + `attn_temp` between cross-attention and feed-forward.
@@ -32,8 +57,9 @@ class SpatioTemporalBlock(nn.Module):
     frames after them (images of joint image-video training) pass through it unchanged.
     """
 
-    def __init__(self, spatial: BasicTransformerBlock, rotary_dim: int = 32):
+    def __init__(self, spatial: BasicTransformerBlock, rotary_dim: int = 32, frame_positions: bool = False):
         super().__init__()
+        self.frame_positions = frame_positions
         if spatial.norm_type != "layer_norm" or spatial.only_cross_attention or spatial.attn2 is None:
             raise ValueError("only Stable Diffusion style blocks (layer norm, self- then cross-attention) are inflated")
         self.norm1, self.attn1 = spatial.norm1, spatial.attn1
@@ -71,7 +97,10 @@ class SpatioTemporalBlock(nn.Module):
         tokens = hidden_states.shape[1]
         x = rearrange(hidden_states, "(b f) d c -> (b d) f c", f=total_frames)
         video, images = x[:, :video_frames], x[:, video_frames:]
-        video = video + self.attn_temp(self.norm_temp(video))
+        normed = self.norm_temp(video)
+        if self.frame_positions:
+            normed = normed + frame_position_encoding(video_frames, normed.shape[-1], normed.device, normed.dtype)
+        video = video + self.attn_temp(normed)
         x = torch.cat([video, images], dim=1)
         hidden_states = rearrange(x, "(b d) f c -> (b f) d c", d=tokens)
 
@@ -90,15 +119,28 @@ class VideoUNet(UNet2DConditionModel):
     rotary_dim = 32
 
     @functools.wraps(UNet2DConditionModel.__init__)  # keeps the config signature diffusers' from_config reads
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, frame_positions: bool = False, coordinate_channels: bool = False, **kwargs):
+        """`frame_positions=True` adds a sinusoidal encoding of the frame index to every temporal attention's input.
+        LaVie has none (its rotary encoding is relative only), which cannot tell frame 0 from frame 7 in a noisy
+        clip: a model trained from scratch then places a moving object at its average position in every frame.
+        Off by default (the official architecture); the CPU-sized recipe turns it on (docs/tiny_lavie.md)."""
         super().__init__(*args, **kwargs)
+        self.frame_positions = frame_positions
+        # `coordinate_channels=True`: three channels (x, y, normalised frame time, each in [-1, 1]) are appended to
+        # the input (CoordConv, Liu et al. 2018), so conv_in takes in_channels = data channels + 3. Convolutions
+        # otherwise learn where they are only from zero padding, slowly; a shape or a trajectory is a function of
+        # where. Off by default (the official architecture); see docs/tiny_lavie.md.
+        self.coordinate_channels = coordinate_channels
         for transformer in self.modules():
             blocks = getattr(transformer, "transformer_blocks", None)
             if blocks is None:
                 continue
             for i, block in enumerate(blocks):
                 if isinstance(block, BasicTransformerBlock):
-                    blocks[i] = SpatioTemporalBlock(block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads))
+                    blocks[i] = SpatioTemporalBlock(
+                        block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads),
+                        frame_positions=frame_positions,
+                    )
 
     def temporal_blocks(self) -> Iterator[SpatioTemporalBlock]:
         return (m for m in self.modules() if isinstance(m, SpatioTemporalBlock))
@@ -146,6 +188,8 @@ class VideoUNet(UNet2DConditionModel):
             index = torch.tensor([0] * video_frames + list(range(1, num_image_frames + 1)), device=sample.device)
             context = rearrange(encoder_hidden_states[:, index], "b f l d -> (b f) l d")
 
+        if self.coordinate_channels:
+            sample = torch.cat([sample, coordinate_grid(sample, video_frames)], dim=1)
         x = rearrange(sample, "b c f h w -> (b f) c h w")
         frame_info = {"video_frames": video_frames, "total_frames": frames}
         out = super().forward(x, timestep, context, cross_attention_kwargs=frame_info).sample

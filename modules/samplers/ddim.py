@@ -5,10 +5,11 @@ from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler
-from rich.progress import track
 
 # denoiser(x_t, t, context) -> predicted noise, same shape as x_t
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# progress(done, total): called after each of the `total` denoising steps (modules.base.ProgressHook)
+Progress = Callable[[int, int], None]
 
 
 @torch.no_grad()
@@ -22,18 +23,19 @@ def ddim_sample(
     guidance_scale: float = 7.5,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` into a clean sample, guided by `cond` and, when guidance_scale != 1, `uncond`.
 
     With eta = 0 the loop is deterministic given the noise. eps = eps_u + s * (eps_c - eps_u).
+    `progress(done, total)`, when given, is called after every step (the callers' progress bars count steps).
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     guided = uncond is not None and guidance_scale != 1.0
     context = torch.cat([uncond, cond]) if guided else cond
     x = noise * scheduler.init_noise_sigma
     steps = scheduler.timesteps
-    for t in track(steps, description="denoising", disable=not progress, transient=True):
+    for i, t in enumerate(steps):
         model_in = torch.cat([x, x]) if guided else x
         eps = denoiser(scheduler.scale_model_input(model_in, t), t, context)
         if guided:
@@ -45,4 +47,6 @@ def ddim_sample(
         x = scheduler.step(
             eps, t, x, eta=eta, generator=generator, use_clipped_model_output=bool(scheduler.config.clip_sample)
         ).prev_sample
+        if progress is not None:
+            progress(i + 1, len(steps))
     return x
