@@ -41,7 +41,8 @@ SAMPLE_EXPERIMENTS = ["tiny_lavie"]
                          [("train", e) for e in EXPERIMENTS] + [("sample", e) for e in SAMPLE_EXPERIMENTS])
 def test_experiments_compose(entry, experiment):
     cfg = compose_config(entry, f"experiment={experiment}")
-    expected = "modules.loong_tokenizer.LoongTokenizer" if "loong_tokenizer" in experiment else "modules.lavie.LaVie"
+    expected = ("modules.loong_tokenizer.LoongTokenizer" if "loong_tokenizer" in experiment
+                else "modules.loong.Loong" if "loong" in experiment else "modules.lavie.LaVie")
     assert cfg.model._target_ == expected
     if entry == "train":
         assert cfg.data._target_.startswith("datamodules.") and cfg.trainer._target_ == "lightning.pytorch.Trainer"
@@ -77,6 +78,7 @@ RECIPES = {
     "lavie_base": (16, 4), "loong_tokenizer_images": (1, None), "loong_tokenizer_17": (17, None),
     "loong_tokenizer_65": (65, None), "tiny_lavie": (8, 4), "tiny_loong_tokenizer": (1, None),
     "tiny_loong_tokenizer_17": (17, None), "tiny_loong_tokenizer_65": (65, None),
+    "tiny_loong": (1, 0), "tiny_loong_17": (17, 4), "tiny_loong_65": (65, 4),
 }
 OWN_IMAGES_PER_VIDEO = {"joint": 4}  # data configs whose default is not 0
 

@@ -275,3 +275,29 @@ def test_coordinate_channels_are_x_y_and_frame_time_appended_to_the_input():
     plain.load_state_dict(with_coordinates.state_dict())
     assert_close(with_coordinates(sample, timesteps, context, num_image_frames=2),
                  plain(torch.cat([sample, grid], dim=1), timesteps, context, num_image_frames=2))
+
+
+@torch.no_grad()
+def test_frame_embedding_starts_as_the_plain_unet():
+    """The frame embedding's output layer is zero at initialisation: loaded with a plain VideoUNet's weights, only
+    the embedding's own keys are missing and the outputs are the plain model's, image frames included."""
+    plain = _randomized_video_unet()
+    torch.manual_seed(6)
+    embedded = VideoUNet(**SMALL_UNET, frame_embedding=True).eval()
+    missing, unexpected = embedded.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("class_embedding.") for key in missing)
+    sample, timesteps, context = inputs(frames=F + 2)
+    assert_close(embedded(sample, timesteps, context, num_image_frames=2),
+                 plain(sample, timesteps, context, num_image_frames=2))
+
+
+@torch.no_grad()
+def test_frame_embedding_tells_video_frames_apart_and_leaves_images_alike():
+    """Trained (here: random) frame embeddings give each video frame of a still clip its own output; appended image
+    frames all get the same index, so identical images stay identical."""
+    sample, timesteps, context = inputs(frames=F + 2)
+    still = sample[:, :, :1].expand(-1, -1, F + 2, -1, -1).contiguous()
+    out = _randomized_video_unet(frame_embedding=True)(still, timesteps, context, num_image_frames=2)
+    video, images = out[:, :, :F], out[:, :, F:]
+    assert min((video[:, :, i] - video[:, :, j]).abs().amax() for i in range(F) for j in range(i)) > 1e-3
+    assert_close(images[:, :, 1], images[:, :, 0])

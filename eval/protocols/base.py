@@ -77,18 +77,6 @@ class Protocol(ABC):
         jobs = plan_jobs(self.prompts(), self.seed)
         return jobs[: self.limit] if self.limit else jobs
 
-    def table_row(self, results: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """(header, row) of the markdown table line for these results."""
-        metrics = {k: v for k, v in results["metrics"].items() if not isinstance(v, (dict, list))}
-        header = ["model", "checkpoint", "videos", *metrics]
-        row = [results["generator"]["model"], str(results["generator"].get("checkpoint") or "-"),
-               str(results["num_videos"]), *(_fmt(v) for v in metrics.values())]
-        return header, row
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
 
 def generated_batches(out_dir: Path, jobs: list[Job], batch_size: int, description: str = "scoring",
                       ) -> Iterator[tuple[list[Job], torch.Tensor]]:

@@ -119,13 +119,28 @@ class VideoUNet(UNet2DConditionModel):
     rotary_dim = 32
 
     @functools.wraps(UNet2DConditionModel.__init__)  # keeps the config signature diffusers' from_config reads
-    def __init__(self, *args, frame_positions: bool = False, coordinate_channels: bool = False, **kwargs):
+    def __init__(self, *args, frame_positions: bool = False, coordinate_channels: bool = False,
+                 frame_embedding: bool = False, **kwargs):
         """`frame_positions=True` adds a sinusoidal encoding of the frame index to every temporal attention's input.
         LaVie has none (its rotary encoding is relative only), which cannot tell frame 0 from frame 7 in a noisy
         clip: a model trained from scratch then places a moving object at its average position in every frame.
         Off by default (the official architecture); the CPU-sized recipe turns it on (docs/tiny_lavie.md)."""
+        if frame_embedding:
+            if kwargs.get("class_embed_type") not in (None, "timestep"):
+                raise ValueError("frame_embedding uses the UNet's class embedding; leave class_embed_type unset")
+            kwargs["class_embed_type"] = "timestep"
         super().__init__(*args, **kwargs)
         self.frame_positions = frame_positions
+        # `frame_embedding=True`: each frame's index goes through the timestep's sinusoid and an MLP of its own
+        # (diffusers' class embedding of type "timestep") and is added to that frame's time embedding, so every
+        # ResNet, and through it every cross-attention query, knows which frame it is working on: where a moving
+        # object is depends on the motion word and the frame index together. Appended image frames get index -1.
+        # Zero-initialised output layer: at initialisation the UNet is the one without it. Not in LaVie; off by
+        # default (docs/tiny_lavie.md).
+        self.frame_embedding = frame_embedding
+        if frame_embedding:
+            nn.init.zeros_(self.class_embedding.linear_2.weight)
+            nn.init.zeros_(self.class_embedding.linear_2.bias)
         # `coordinate_channels=True`: three channels (x, y, normalised frame time, each in [-1, 1]) are appended to
         # the input (CoordConv, Liu et al. 2018), so conv_in takes in_channels = data channels + 3. Convolutions
         # otherwise learn where they are only from zero padding, slowly; a shape or a trajectory is a function of
@@ -192,5 +207,10 @@ class VideoUNet(UNet2DConditionModel):
             sample = torch.cat([sample, coordinate_grid(sample, video_frames)], dim=1)
         x = rearrange(sample, "b c f h w -> (b f) c h w")
         frame_info = {"video_frames": video_frames, "total_frames": frames}
-        out = super().forward(x, timestep, context, cross_attention_kwargs=frame_info).sample
+        frame_index = None
+        if self.frame_embedding:
+            index = torch.full((frames,), -1.0, device=sample.device)
+            index[:video_frames] = torch.arange(video_frames, device=sample.device, dtype=index.dtype)
+            frame_index = index.repeat(batch)  # (B F), frames fastest as in x
+        out = super().forward(x, timestep, context, class_labels=frame_index, cross_attention_kwargs=frame_info).sample
         return rearrange(out, "(b f) c h w -> b c f h w", b=batch)
