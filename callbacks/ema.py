@@ -12,9 +12,14 @@ function (`get_ema_multi_avg_fn`, a fused `torch._foreach_lerp_`) and its checkp
                                   `trainer.fit(ckpt_path=...)` continues the raw weights and the average exactly.
 
 The EMA values are in the module during validation, inside `averaged_weights()` (used by SampleVideos) and after
-`fit` ends. Limits: one EMA callback per trainer; not for sharded strategies (FSDP, DeepSpeed); a checkpoint
-saved with `save_weights_only=True` skips callback hooks and holds the raw weights; the set of trainable parameters
-is fixed when fit starts; buffers are not averaged.
+`fit` ends. Limits: one EMA callback per trainer; a checkpoint saved with `save_weights_only=True` skips callback
+hooks and holds the raw weights; the set of trainable parameters is fixed when fit starts; buffers are not averaged.
+
+Sharded strategies (`trainer=fsdp`'s ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy) are refused when fit
+starts, before the model is sharded: a rank may hold only a shard of each weight, so the average would have to be
+a sharded one, gathered into the full checkpoint on every save and scattered back on resume, under names and
+placements each strategy sets its own way. None of that exists here, and an average silently missing from a
+checkpoint is worse than none; a sharded run trains without EMA.
 """
 from __future__ import annotations
 
@@ -24,10 +29,12 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 RAW_KEY = "raw_state_dict"
+SHARDED_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)  # each rank holds a shard of a weight
 
 
 class EMA(Callback):
@@ -57,6 +64,15 @@ class EMA(Callback):
         self._validation = contextlib.ExitStack()
 
     # ---- the average --------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before configure_model shards anything: a sharded run fails at once, not at its first checkpoint
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            raise ValueError(
+                f"the EMA callback does not support {type(trainer.strategy).__name__} (sharded weights, e.g. "
+                "trainer=fsdp): drop it from the callbacks (callbacks=default, or ~callbacks.ema) or train without "
+                "sharding (trainer=default or trainer=gpu, DDP with trainer.devices=N)"
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Built here rather than in setup(): the strategy has moved the module to its device by now, and a resumed
         # checkpoint has already been read (on_load_checkpoint runs before this hook).

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -39,7 +40,8 @@ class SampleVideos(Callback):
     The seed is fixed, so the same noise is used at every step and the samples differ only by training.
     `num_frames=None` means the model's own clip length; `overrides` are sampler settings for these calls only. The
     module runs in eval mode under no_grad, with the EMA weights when an EMA callback is attached and `use_ema`.
-    Only global rank 0 generates and writes; like Lightning's ModelCheckpoint, nothing is written under fast_dev_run.
+    Only global rank 0 generates (every rank when the model is sharded) and writes; like Lightning's
+    ModelCheckpoint, nothing is written under fast_dev_run.
     """
 
     tag = "samples"  # TensorBoard tag prefix
@@ -96,7 +98,10 @@ class SampleVideos(Callback):
     def sample(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Generate and write the samples for the current step; returns their folder (None on other ranks)."""
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero or trainer.fast_dev_run:
+        # A sharded model (ModelParallelStrategy: trainer=fsdp) needs every rank in each forward, so every rank
+        # generates and rank 0 alone writes; otherwise only rank 0 generates.
+        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if trainer.fast_dev_run or not (trainer.is_global_zero or sharded):
             return None
         # Remember every submodule's mode, not just the top one: models keep frozen parts (VAE) in eval mode.
         modes = {m: m.training for m in pl_module.modules()}
@@ -107,6 +112,8 @@ class SampleVideos(Callback):
         finally:
             for module, training in modes.items():
                 module.training = training
+        if not trainer.is_global_zero:
+            return None
         videos = videos.detach().cpu()  # uint8 (B, T, H, W, 3)
 
         root = self.output_dir(trainer)

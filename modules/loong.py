@@ -272,12 +272,28 @@ class Loong(VideoGenerator):
         self.tokenizer.eval()  # frozen: nothing in it trains, and its encode/decode are inference
         return self
 
+    def configure_model(self) -> None:
+        """Sharded training (`trainer=fsdp`): Lightning calls this under its ModelParallelStrategy, after `setup`
+        (so `init_from` weights are in), with the strategy's device mesh. Each decoder layer becomes its own FSDP2
+        group, with its activations recomputed in backward unless `trainer.strategy.activation_checkpointing` is
+        false, and the decoder the root group (modules/components/sharding.py); the frozen video tokenizer stays
+        whole on every rank. Without a device mesh (one device, DDP) nothing changes."""
+        if self.device_mesh is None:
+            return
+        from modules.components.sharding import activation_checkpointing_of, shard_decoder  # FSDP2 only when used
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        shard_decoder(self, self.decoder, self.device_mesh, activation_checkpointing_of(strategy))
+
     # ------------------------------------------------------------------ training
-    def sequence_loss(self, frames: torch.Tensor, captions: list[str], early_weights: bool) -> dict[str, torch.Tensor]:
+    def sequence_loss(self, frames: torch.Tensor | None, captions: list[str], early_weights: bool,
+                      codes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token loss of the video tokens of `frames` [N, T, C, H, W] under `captions` (N), and its per-frame-range
-        means (Figure 3). Captions are dropped at rate `text_drop` in training only."""
-        with torch.no_grad():
-            codes = self.tokenizer.encode(frames)  # (N, T', h, w)
+        means (Figure 3); `codes` [N, T', h, w] are those tokens already (pre-tokenised data: `frames` is None).
+        Captions are dropped at rate `text_drop` in training only."""
+        if codes is None:
+            with torch.no_grad():
+                codes = self.tokenizer.encode(frames)  # (N, T', h, w)
         drop = drop_text_mask(len(captions), self.text_drop) if self.training and self.text_drop > 0 else None
         seq = build_sequences(self.text_tokenizer.encode_batch(captions), codes, self.vocab, self.text_budget, drop)
         token_losses = next_token_losses(self.decoder(seq.tokens), seq.tokens, seq.loss_mask)  # (N, L)
@@ -293,14 +309,21 @@ class Loong(VideoGenerator):
         return losses
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        video = batch["video"]  # (B, T+M, C, H, W): M images appended in joint training
         image_captions = batch.get("image_captions") or [[] for _ in batch["caption"]]
         num_images = len(image_captions[0])
-        frames = video.shape[1] - num_images
-        losses = self.sequence_loss(video[:, :frames], list(batch["caption"]), early_weights=True)
-        if num_images:
-            images = video[:, frames:].reshape(-1, 1, *video.shape[2:])  # (B*M, 1, C, H, W): one sequence each
-            image = self.sequence_loss(images, [c for row in image_captions for c in row], early_weights=False)
+        if "video_codes" in batch:  # pre-tokenised (data=video_tokens, scripts/pretokenize.py): codes, no pixels
+            image_codes = batch["image_codes"].flatten(0, 1) if num_images else None  # (B*M, 1, h, w)
+            video = {"frames": None, "codes": batch["video_codes"]}  # (B, T', h, w)
+            images = {"frames": None, "codes": image_codes}
+        else:
+            pixels = batch["video"]  # (B, T+M, C, H, W): M images appended in joint training
+            frames = pixels.shape[1] - num_images
+            video = {"frames": pixels[:, :frames]}
+            images = {"frames": pixels[:, frames:].reshape(-1, 1, *pixels.shape[2:])}  # (B*M, 1, C, H, W)
+        losses = self.sequence_loss(**video, captions=list(batch["caption"]), early_weights=True)
+        if num_images:  # each image is one sequence with its own caption
+            texts = [c for row in image_captions for c in row]
+            image = self.sequence_loss(**images, captions=texts, early_weights=False)
             losses = {"loss": losses["loss"] + self.image_loss_weight * image["loss"], "loss_video": losses["loss"],
                       "loss_image": image["loss"], **{k: v for k, v in losses.items() if k != "loss"}}
         return losses

@@ -58,6 +58,34 @@ def test_cached_decoding_equals_recomputation(decoder, scale):
     torch.testing.assert_close(logits, recomputed_logits(decoder, cond, uncond, tokens, scale), rtol=0, atol=1e-10)
 
 
+class FullLogitsDecoder:
+    """The decoder as it was before `last_only`: every call computes the logits of every position (the sampler
+    then keeps the last row). Records the keyword arguments each call got."""
+
+    def __init__(self, decoder: LlamaDecoder):
+        self.decoder, self.config, self.allocate_cache = decoder, decoder.config, decoder.allocate_cache
+        self.calls: list[dict] = []
+
+    def __call__(self, tokens, start_pos=0, cache=None, **kwargs):
+        self.calls.append(kwargs)
+        return self.decoder(tokens, start_pos, cache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scale, top_k", [(7.5, 10), (1.0, 1)])
+def test_last_position_logits_do_not_change_sampling(decoder, scale, top_k):
+    """The sampler asks the decoder for the last position's logits only (prefill and steps); the tokens are those
+    of the full-logits path and the logits agree to float64 rounding."""
+    cond, uncond = prefixes()
+    kwargs = dict(top_k=top_k, guidance_scale=scale, return_logits=True)
+    full = FullLogitsDecoder(decoder)
+    expected, expected_logits = sample_video_tokens(full, cond, uncond, 20, VOCAB, generators=gens(3, 4, 5), **kwargs)
+    assert full.calls == [{"last_only": True}] * 20  # the prefill and 19 steps all asked for the last row only
+    tokens, logits = sample_video_tokens(decoder, cond, uncond, 20, VOCAB, generators=gens(3, 4, 5), **kwargs)
+    assert torch.equal(tokens, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-12)
+
+
 @torch.no_grad()
 def test_guidance_changes_the_logits(decoder):
     """Sanity of the test model: the prompt matters, so guidance is not a no-op that the other tests would miss."""

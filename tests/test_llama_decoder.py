@@ -171,6 +171,34 @@ def test_cached_decoding_equals_full_forward(kv_heads, batch, chunk):
     decode_against_full(model, tokens, prefix=5, chunk=chunk)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@torch.no_grad()
+def test_last_only_equals_the_last_row_of_the_full_logits(dtype, atol):
+    """last_only runs the final norm and lm_head on the last position: (B, 1, V), the full logits' last row (up to
+    the matmul's rounding for one row instead of L), with and without a cache, and the cache is filled the same."""
+    torch.manual_seed(0)
+    model = LlamaDecoder(tiny_config(num_kv_heads=2)).to(dtype).eval()
+    randomize_(model)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    full = model(tokens)
+    last = model(tokens, last_only=True)
+    assert last.shape == (2, 1, model.config.vocab_size) and last.dtype == dtype
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=atol)
+
+    full_cache, last_cache = model.allocate_cache(2, max_len=20), model.allocate_cache(2, max_len=20)
+    prefill = model(tokens[:, :12], 0, last_cache, last_only=True)
+    torch.testing.assert_close(prefill, model(tokens[:, :12], 0, full_cache)[:, -1:], rtol=0, atol=atol)
+    torch.testing.assert_close(prefill, full[:, 11:12], rtol=0, atol=atol)
+    assert torch.equal(last_cache.keys, full_cache.keys) and torch.equal(last_cache.values, full_cache.values)
+    assert last_cache.length == full_cache.length == 12
+    for t in range(12, 20):  # one token at a time: L = 1, so last_only is the same computation
+        step = model(tokens[:, t:t + 1], t, last_cache, last_only=True)
+        assert torch.equal(step, model(tokens[:, t:t + 1], t, full_cache))
+        torch.testing.assert_close(step, full[:, t:t + 1], rtol=0, atol=atol)
+    chunk = model(tokens[:, 16:20], 16, last_cache, last_only=True)  # a rewound chunk: start_pos > 0, L > 1
+    torch.testing.assert_close(chunk, full[:, -1:], rtol=0, atol=atol)
+
+
 @torch.no_grad()
 def test_cache_is_allocated_once_and_reusable_after_reset():
     torch.manual_seed(0)

@@ -223,11 +223,18 @@ class LlamaDecoder(nn.Module):
         return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
                        dtype or weight.dtype, device or weight.device)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, L, V) of `tokens` (B, L) sitting at positions start_pos..start_pos+L-1.
 
         Without a cache the L tokens attend causally among themselves. With one they are written into it at their
         positions and attend to cached positions 0..their own; the cache must already hold 0..start_pos-1.
+
+        last_only: logits (B, 1, V) of the last position only, the next-token logits sampling needs. Every layer
+        still runs on all L positions (their keys and values fill the cache), but the final norm and lm_head run on
+        one: a prefill of L tokens then never holds the (B, L, V) logits (at Loong's 40,202 ids, 4,600 positions
+        and a doubled batch, 1.5 GB in float32). The row equals the last row of the full logits up to the matmul's
+        rounding for a different row count.
         """
         B, L = tokens.shape
         end = start_pos + L
@@ -252,7 +259,9 @@ class LlamaDecoder(nn.Module):
             x = layer(x, cos, sin, start_pos, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.length = end
-        return self.lm_head(self.norm(x))  # (B, L, V)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D): norm and lm_head act per position, so the other rows are never needed
+        return self.lm_head(self.norm(x))  # (B, L, V), or (B, 1, V) with last_only
 
 
 # transformers' LlamaForCausalLM names -> ours. Outside the layers the names match once "model." is dropped; inside a

@@ -1,7 +1,7 @@
 """Loong's token sampler (paper sections 3.3 and 4.1): video tokens one at a time from a LLaMA decoder, with a static
 KV cache, top-k sampling and classifier-free guidance.
 
-    prefill:  logits of the prefix [cond; uncond] (one doubled batch, one cache)      -> next-token logits
+    prefill:  the prefix [cond; uncond] (one doubled batch, one cache)  -> logits of its last position only
     step:     guided = uncond + s * (cond - uncond) over the video ids only
               token  = argmax over the top k of (guided / T + Gumbel noise of the row's own generator)
               feed the token to both halves at the next position
@@ -145,7 +145,7 @@ def sample_video_tokens(
     tokens = cond_prefix.new_empty(batch, num_tokens)
     all_logits = None
     inputs = torch.cat([cond_prefix, uncond_prefix]) if guided else cond_prefix  # (rows, P): [cond; uncond]
-    logits = decoder(inputs, 0, cache)[:, -1, video]  # prefill, (rows, V_video)
+    logits = decoder(inputs, 0, cache, last_only=True)[:, -1, video]  # prefill, (rows, V_video)
     for step in range(num_tokens):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if guided:
@@ -161,5 +161,5 @@ def sample_video_tokens(
             progress(step + 1, num_tokens)
         if step + 1 < num_tokens:
             feed = torch.cat([drawn, drawn]) if guided else drawn  # (rows,)
-            logits = decoder(feed[:, None], length + step, cache)[:, -1, video]  # (rows, V_video)
+            logits = decoder(feed[:, None], length + step, cache, last_only=True)[:, -1, video]  # (rows, V_video)
     return (tokens, all_logits) if return_logits else tokens
