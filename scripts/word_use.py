@@ -38,7 +38,9 @@ def swapped_caption(attributes, attribute: str, index: int) -> str:
 
 
 @torch.no_grad()
-def word_use(model, num_items: int, timesteps: tuple[int, ...]) -> dict[int, dict[str, float]]:
+def word_use(model, num_items: int, timesteps: tuple[int, ...]
+             ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, float]]]:
+    """(text features of the true and swapped captions, {t: {caption kind: diffusion loss}})."""
     frames, size = model.sampler["num_frames"], (model.sampler["height"], model.sampler["width"])
     items = [render_item(i, frames, size, seed=0, split="val") for i in range(num_items)]
     video = torch.stack([torch.as_tensor(to_model_range(pixels)) for _, pixels in items])
@@ -46,6 +48,25 @@ def word_use(model, num_items: int, timesteps: tuple[int, ...]) -> dict[int, dic
     for attribute in VALUES:
         captions[attribute] = [swapped_caption(a, attribute, i) for i, (a, _) in enumerate(items)]
     contexts = {name: model.encode_prompts(texts) for name, texts in captions.items()}
+    return contexts, _losses(model, video, contexts, timesteps)
+
+
+def encoder_distance(contexts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far apart the text encoder keeps each swapped word from the true one: per caption, the distance between
+    the two captions' features at the swapped word's first token, averaged over the captions. CLIP's text encoder is
+    causal, so that is the first position where the features differ; later positions also differ when the two
+    phrases have different token counts. A word the encoder has squeezed out (after training with a UNet that never
+    used it) is near 0 however it is spelled."""
+    true, distances = contexts["true"], {}
+    for attribute in VALUES:
+        per_position = (contexts[attribute] - true).norm(dim=-1)  # (N, L)
+        first = (per_position > 1e-4).float().argmax(dim=-1)  # the swapped word's first token
+        distances[attribute] = float(per_position.gather(1, first[:, None]).mean())
+    return distances
+
+
+def _losses(model, video: torch.Tensor, contexts: dict[str, torch.Tensor], timesteps: tuple[int, ...]):
+    num_items = video.shape[0]
     latents = model.autoencoder.encode(video)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     losses = {}
@@ -70,11 +91,14 @@ def main() -> None:
         parser.error(f"no run config at {config}; pass --config RUN/config.yaml")
     model = instantiate(OmegaConf.load(config).model, _convert_="all")
     load_training_checkpoint(model, args.checkpoint)
-    losses = word_use(model.eval(), args.items, tuple(args.timesteps))
+    contexts, losses = word_use(model.eval(), args.items, tuple(args.timesteps))
     print("t     true     " + "  ".join(f"{a} swapped" for a in VALUES))
     for t, row in losses.items():
         print(f"{t:<5} {row['true']:.4f}   " + "  ".join(
             f"{row[a]:.4f} ({100 * (row[a] / row['true'] - 1):+.1f}%)".ljust(len(a) + 8) for a in VALUES))
+    distances = encoder_distance(contexts)
+    print("text-encoder distance, true vs swapped caption: "
+          + ", ".join(f"{a} {distances[a]:.2f}" for a in VALUES))
 
 
 if __name__ == "__main__":
