@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from datamodules.synthetic import SyntheticDataModule
 from modules.base import validate_model_config
@@ -177,3 +178,14 @@ def test_tiny_recipes_keep_their_synthetic_data(experiment, selected):
 def test_a_command_line_size_still_wins_over_the_recipe():
     cfg = compose_config("train", "experiment=tiny_lavie", "data.train_size=8", "data.val_size=2")
     assert (cfg.data.train_size, cfg.data.val_size) == (8, 2)
+
+
+@pytest.mark.parametrize("experiment", ["tiny_lavie", "tiny_loong", "tiny_loong_65"])
+def test_evaluation_writes_to_its_own_folder_whatever_the_recipe(experiment):
+    """A staged recipe fixes hydra.run.dir to its training folder (logs/train/<task>/<stage>); evaluating it must not
+    write videos into that folder, and the same protocol and run_name must name the same folder (resume)."""
+    def run_dir(entry: str) -> str:  # unresolved: ${hydra:...} resolves only inside a running Hydra app
+        return OmegaConf.to_container(compose_config(entry, f"experiment={experiment}").hydra.run)["dir"]
+
+    assert run_dir("evaluate") == "${paths.log_dir}/eval/${hydra:runtime.choices.eval}/${run_name}"
+    assert run_dir("sample") == "${paths.log_dir}/${task_name}/${now:%Y-%m-%d_%H-%M-%S}"
