@@ -28,6 +28,10 @@ class VideoGenerator(LightningModule):
 
     #: frames per second the generator's videos are meant to be played at (written into mp4 files)
     fps: int = 8
+    #: model-config keys naming weight files whose weights a train.py checkpoint of this model holds as well (e.g.
+    #: Loong's frozen video tokenizer): given a checkpoint, sample.py and eval/ set them to null rather than
+    #: require the files (utils/generators.py)
+    checkpoint_supersedes: tuple[str, ...] = ()
 
     @abstractmethod
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor: ...

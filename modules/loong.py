@@ -125,6 +125,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 
 
 class Loong(VideoGenerator):
+    # a train.py checkpoint holds the frozen video tokenizer's weights too: sampling it needs no tokenizer file
+    checkpoint_supersedes = ("tokenizer_checkpoint",)
+
     def __init__(
         self,
         decoder: LlamaConfig,
@@ -178,9 +181,9 @@ class Loong(VideoGenerator):
     def validate_config(cls, cfg: Any) -> None:
         """Every missing file in one message (a paper-size model lacks several), then the sampler's values."""
         missing = []
-        checkpoint = cfg.get("tokenizer_checkpoint")
-        if not checkpoint or not Path(checkpoint).is_file():
-            missing.append(f"video tokenizer checkpoint {checkpoint or '(not set)'} (model.tokenizer_checkpoint: the "
+        checkpoint = cfg.get("tokenizer_checkpoint")  # null: its weights come with a train.py checkpoint
+        if checkpoint and not Path(checkpoint).is_file():
+            missing.append(f"video tokenizer checkpoint {checkpoint} (model.tokenizer_checkpoint: the "
                            "last.ckpt of python train.py experiment=loong_tokenizer_65, after _images and _17)")
         text = cfg.get("text_tokenizer") or {}
         if text.get("model_file") and not Path(text.model_file).is_file():

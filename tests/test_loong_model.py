@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import modules.loong as loong_module
 from modules.base import validate_model_config
@@ -25,6 +26,7 @@ from modules.components.checkpoints import CheckpointKeyError
 from modules.components.llama import to_hf_state_dict
 from modules.components.loong_sequence import build_prefix
 from modules.loong import Loong, MissingWeightsError, warmup_cosine
+from utils.generators import model_config_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -373,6 +375,16 @@ def test_train_then_sample_from_the_command_line(files, tmp_path):
     assert any(r.get("val/loss") for r in rows)
     assert list((run_dir / "samples").rglob("*.mp4"))
     out = tmp_path / "samples"
-    run("sample.py", "experiment=tiny_loong", *model_files, f"ckpt_path={checkpoint}", "num_frames=5",
+    # the checkpoint holds the video tokenizer's weights too: sampling needs no tokenizer file (checkpoint_supersedes)
+    files_for_sampling = [f"model.tokenizer_checkpoint={tmp_path}/moved_away.ckpt", *model_files[1:]]
+    run("sample.py", "experiment=tiny_loong", *files_for_sampling, f"ckpt_path={checkpoint}", "num_frames=5",
         "prompts=[a red circle moving left on a dark background]", f"hydra.run.dir={out}")
     assert len(list(out.glob("*.mp4"))) == 1 and (out / "samples.json").is_file()
+
+
+def test_a_training_checkpoint_supersedes_the_tokenizer_file(tmp_path):
+    cfg = OmegaConf.create({"model": {"_target_": "modules.loong.Loong", "tokenizer_checkpoint": "tok.ckpt"},
+                            "ckpt_path": None})
+    assert model_config_for(cfg).tokenizer_checkpoint == "tok.ckpt"  # no checkpoint: the file is needed
+    cfg.ckpt_path = str(tmp_path / "last.ckpt")
+    assert model_config_for(cfg).tokenizer_checkpoint is None and cfg.model.tokenizer_checkpoint == "tok.ckpt"

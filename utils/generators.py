@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from callbacks.finite_guard import first_non_finite
@@ -33,19 +33,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_config_for(cfg: DictConfig) -> DictConfig:
+    """cfg.model, with the keys the model's class lists in `checkpoint_supersedes` set to null when a train.py
+    checkpoint (cfg.ckpt_path) will provide those weights anyway."""
+    target = get_class(cfg.model._target_)
+    keys = getattr(target, "checkpoint_supersedes", ()) if cfg.get("ckpt_path") else ()
+    if not keys:
+        return cfg.model
+    model = cfg.model.copy()
+    for key in keys:
+        model[key] = None
+    return model
+
+
 def check_generator_options(cfg: DictConfig) -> None:
     """Everything about the generator that can be checked before building it (fast failure on bad input)."""
     if cfg.precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {cfg.precision!r}")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path not found: {cfg.ckpt_path}")
-    validate_model_config(cfg.model, require_generator=True)  # before a paper-size model is built
+    validate_model_config(model_config_for(cfg), require_generator=True)  # before a paper-size model is built
 
 
 def build_generator(cfg: DictConfig) -> VideoGenerator:
     """cfg.model (+ cfg.ckpt_path when set) on cfg.device in cfg.precision, in eval mode."""
     check_generator_options(cfg)
-    model: VideoGenerator = instantiate(cfg.model, _convert_="all")
+    model: VideoGenerator = instantiate(model_config_for(cfg), _convert_="all")
     if cfg.get("ckpt_path"):
         load_training_checkpoint(model, cfg.ckpt_path)
     return model.to(device=pick_device(cfg.device), dtype=DTYPES[cfg.precision]).eval()
