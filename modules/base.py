@@ -82,6 +82,15 @@ class VideoGenerator(LightningModule):
         return seeds
 
 
+def merge_sampler_settings(sampler: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model's `sampler` settings with `overrides` for one call; an override the sampler does not have is an
+    error that lists the known ones (a typo would otherwise be ignored silently)."""
+    unknown = set(overrides) - set(sampler)
+    if unknown:
+        raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}; known: {sorted(sampler)}")
+    return {**sampler, **overrides}
+
+
 def check_num_frames(num_frames: Any) -> int:
     """A frame count asked of a generator: a positive int, or a ValueError that says so (None means "the sampler's
     own" to `generate` and sample.py, and is handled by them)."""

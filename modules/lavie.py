@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from modules.base import ProgressHook, VideoGenerator
+from modules.base import ProgressHook, VideoGenerator, merge_sampler_settings
 from modules.components.checkpoints import load_state_dict_checked, read_state_dict
 from modules.components.text_encoder import ClipTextEncoder
 from modules.components.video_unet import VideoUNet
@@ -194,10 +194,7 @@ class LaVie(VideoGenerator):
 
     # ------------------------------------------------------------------ sampling
     def sampler_settings(self, **overrides: Any) -> dict[str, Any]:
-        unknown = set(overrides) - set(self.sampler)
-        if unknown:
-            raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}; known: {sorted(self.sampler)}")
-        return {**self.sampler, **overrides}
+        return merge_sampler_settings(self.sampler, overrides)
 
     @torch.no_grad()
     def generate(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from modules.base import ProgressHook, VideoGenerator
+from modules.base import ProgressHook, VideoGenerator, merge_sampler_settings
 from modules.components.checkpoints import load_state_dict_checked, read_state_dict
 from modules.components.llama import LlamaConfig, LlamaDecoder, load_hf_llama_state_dict
 from modules.components.loong_sequence import (
@@ -355,10 +355,7 @@ class Loong(VideoGenerator):
 
     # ------------------------------------------------------------------ sampling
     def sampler_settings(self, **overrides: Any) -> dict[str, Any]:
-        unknown = set(overrides) - set(self.sampler)
-        if unknown:
-            raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}; known: {sorted(self.sampler)}")
-        return self.check_sampler({**self.sampler, **overrides})
+        return self.check_sampler(merge_sampler_settings(self.sampler, overrides))
 
     @staticmethod
     def clip_plan(num_frames: int, clip_frames: int, overlap: int) -> list[int]:

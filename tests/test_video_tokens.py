@@ -2,14 +2,13 @@
 
 A tiny random-weight LoongTokenizer and the synthetic dataset at tiny size (12 train + 4 val items of 17 frames at
 32x32, 2 images appended to each clip): the shards' batches are the pixel batches encoded, in the same order, with
-the same captions, for the same seed, and Loong's loss from them is the loss from the pixels (with the change to
-Loong.losses / sequence_loss that reads `video_codes`, applied here by `TokenLoong` until modules/loong.py has it).
+the same captions, for the same seed, and Loong's loss from them (it reads `video_codes` when a batch has them) is
+the loss from the pixels.
 Also: an interrupted run is refused by the datamodule and continued by a re-run, a tokenizer mismatch is refused,
 and a resumed epoch continues at the same batch.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import types
@@ -151,55 +150,10 @@ def test_token_batches_are_the_pixel_batches_encoded(files):
     assert_same_batch(val_tokens, val_pixels, tokenizer)
 
 
-class TokenLoong(Loong):
-    """Loong with the change to `sequence_loss` / `losses` proposed for modules/loong.py (a batch with `video_codes`
-    is scored from its codes, without the tokenizer). Once modules/loong.py has it, the test runs on Loong itself."""
-
-    def sequence_loss(self, frames, captions, early_weights, codes=None):
-        if codes is None:
-            with torch.no_grad():
-                codes = self.tokenizer.encode(frames)  # (N, T', h, w)
-        drop = drop_text_mask(len(captions), self.text_drop) if self.training and self.text_drop > 0 else None
-        seq = build_sequences(self.text_tokenizer.encode_batch(captions), codes, self.vocab, self.text_budget, drop)
-        token_losses = next_token_losses(self.decoder(seq.tokens), seq.tokens, seq.loss_mask)  # (N, L)
-        per_frame = codes.shape[2] * codes.shape[3]
-        weights = None
-        if early_weights and self.early_frame_lambda > 0:  # Eq. 2
-            video_weights = frame_weights(codes.shape[1], per_frame, latent_frames(self.early_frames),
-                                          self.early_frame_lambda)
-            weights = seq.target_weights(video_weights)
-        losses = {"loss": masked_mean(token_losses, seq.loss_mask, weights)}
-        ranges = loss_by_frame_range(token_losses[:, seq.video].detach(), per_frame)
-        losses.update({f"loss_{name}": value for name, value in ranges.items()})
-        return losses
-
-    def losses(self, batch):
-        image_captions = batch.get("image_captions") or [[] for _ in batch["caption"]]
-        num_images = len(image_captions[0])
-        if "video_codes" in batch:  # pre-tokenised (data=video_tokens, scripts/pretokenize.py): codes, no pixels
-            image_codes = batch["image_codes"].flatten(0, 1) if num_images else None  # (B*M, 1, h, w)
-            video = {"frames": None, "codes": batch["video_codes"]}  # (B, T', h, w)
-            images = {"frames": None, "codes": image_codes}
-        else:
-            pixels = batch["video"]  # (B, T+M, C, H, W): M images appended in joint training
-            frames = pixels.shape[1] - num_images
-            video = {"frames": pixels[:, :frames]}
-            images = {"frames": pixels[:, frames:].reshape(-1, 1, *pixels.shape[2:])}  # (B*M, 1, C, H, W)
-        losses = self.sequence_loss(**video, captions=list(batch["caption"]), early_weights=True)
-        if num_images:  # each image is one sequence with its own caption
-            texts = [c for row in image_captions for c in row]
-            image = self.sequence_loss(**images, captions=texts, early_weights=False)
-            losses = {"loss": losses["loss"] + self.image_loss_weight * image["loss"], "loss_video": losses["loss"],
-                      "loss_image": image["loss"], **{k: v for k, v in losses.items() if k != "loss"}}
-        return losses
-
-
-PATCHED = "codes" in inspect.signature(Loong.sequence_loss).parameters  # modules/loong.py reads video_codes itself
-TOKEN_LOONG = "modules.loong.Loong" if PATCHED else f"{__name__}.TokenLoong"
 
 
 def test_loong_loss_from_tokens_equals_loss_from_pixels(files, monkeypatch):
-    cfg = compose_train(*RECIPE, *SMALL, f"model._target_={TOKEN_LOONG}", f"model.tokenizer_checkpoint={files.tokenizer}",
+    cfg = compose_train(*RECIPE, *SMALL, f"model.tokenizer_checkpoint={files.tokenizer}",
                         f"model.text_tokenizer.cache_dir={files.cache}", "model.init_from=null",
                         "model.early_frame_lambda=1.0", "model.early_frames=5")
     torch.manual_seed(0)
@@ -238,7 +192,7 @@ def test_train_py_trains_from_the_shards(files, tmp_path):
     """python train.py experiment=tiny_loong_17 data=video_tokens data.path=DIR: two steps and a validation, after
     the datamodule checked the model's tokenizer; with another tokenizer checkpoint the run stops before a step."""
     def overrides(checkpoint: Path) -> list[str]:
-        return [*RECIPE, "data=video_tokens", f"data.path={files.shards}", *SMALL, f"model._target_={TOKEN_LOONG}",
+        return [*RECIPE, "data=video_tokens", f"data.path={files.shards}", *SMALL,
                 f"model.tokenizer_checkpoint={checkpoint}", f"model.text_tokenizer.cache_dir={files.cache}",
                 "model.init_from=null", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
                 "~callbacks.lr_monitor", "~callbacks.sample_videos"]
