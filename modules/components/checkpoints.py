@@ -72,15 +72,22 @@ def load_state_dict_checked(
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or wrong_shape:
-        parts = [f"checkpoint {source} does not match {type(module).__name__}:"]
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if wrong_shape:
-            parts.append(f"shape mismatches: {_listing(wrong_shape)}")
-        raise CheckpointKeyError("\n  ".join(parts))
+        raise key_mismatch_error(f"checkpoint {source} does not match {type(module).__name__}:",
+                                 missing, unexpected, wrong_shape)
     module.load_state_dict(state_dict, strict=False)
+
+
+def key_mismatch_error(header: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]
+                       ) -> CheckpointKeyError:
+    """The one error every strict loader raises: `header`, then the missing, unexpected and misshapen keys."""
+    parts = [header]
+    if missing:
+        parts.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listing(unexpected)}")
+    if wrong_shape:
+        parts.append(f"shape mismatches: {_listing(wrong_shape)}")
+    return CheckpointKeyError("\n  ".join(parts))
 
 
 def load_diffusers_weights(module: nn.Module, folder: str | Path, strict: bool = True,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.components.checkpoints import CheckpointKeyError, _listing
+from modules.components.checkpoints import CheckpointKeyError, key_mismatch_error
 
 
 @dataclass
@@ -305,14 +305,7 @@ def load_hf_llama_state_dict(model: LlamaDecoder, hf_state_dict: Mapping[str, to
     wrong_shape = [f"{our_key_to_hf(k)}: {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                    for k, v in ours.items() if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
-        parts = [f"{source} does not match LlamaDecoder:"]
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if wrong_shape:
-            parts.append(f"shape mismatches: {_listing(wrong_shape)}")
-        raise CheckpointKeyError("\n  ".join(parts))
+        raise key_mismatch_error(f"{source} does not match LlamaDecoder:", missing, unexpected, wrong_shape)
     if tied and "lm_head.weight" in ours:
         if not torch.equal(ours.pop("lm_head.weight"), ours["embed_tokens.weight"]):
             raise CheckpointKeyError(f"{source}: lm_head.weight differs from the embedding, but the model ties them")
