@@ -2,7 +2,8 @@
 
 A Stable Diffusion UNet inflated to video (`VideoUNet`), a CLIP text encoder and a frozen per-frame autoencoder;
 epsilon-prediction DDPM training with LaVie's schedule (linear betas 1e-4..0.02), joint image-video fine-tuning
-(L = L_video + alpha * L_image), DDIM sampling with classifier-free guidance.
+(L = L_video + alpha * L_image), sampling with classifier-free guidance by a named sampler (`sampler.method`: `ddpm`,
+the official ancestral sampler, or `ddim`; modules/samplers/diffusion.py).
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from torch import nn
 
 from modules.base import ProgressHook, VideoGenerator, merge_sampler_settings
 from modules.components.checkpoints import load_state_dict_checked, read_state_dict
 from modules.components.text_encoder import ClipTextEncoder
 from modules.components.video_unet import VideoUNet
-from modules.samplers.ddim import ddim_sample
+from modules.samplers.diffusion import SAMPLER_METHODS, guided_denoise, make_scheduler
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
@@ -68,6 +69,7 @@ class LaVie(VideoGenerator):
         self.autoencoder.requires_grad_(False)
         self.text_encoder.requires_grad_(train_text_encoder)
 
+        self.check_sampler(self.sampler)
         pretrained = dict(pretrained or {})
         self.check_pretrained(pretrained)
         if pretrained.get("sd_path") or pretrained.get("checkpoint"):
@@ -76,7 +78,14 @@ class LaVie(VideoGenerator):
     # ------------------------------------------------------------------ weights
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
+        cls.check_sampler(cfg.get("sampler") or {})
         cls.check_pretrained(cfg.get("pretrained") or {})
+
+    @staticmethod
+    def check_sampler(sampler: Any) -> None:
+        method = sampler.get("method")
+        if method not in SAMPLER_METHODS:
+            raise ValueError(f"model.sampler.method must be one of {', '.join(SAMPLER_METHODS)}, got {method!r}")
 
     @staticmethod
     def check_pretrained(pretrained: Any) -> None:
@@ -163,7 +172,7 @@ class LaVie(VideoGenerator):
 
     def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet learns to predict: the noise (LaVie), the velocity, or the clean sample, per the schedule's
-        prediction_type; DDIM sampling reads the same setting, so training and sampling always agree."""
+        prediction_type; the sampler's scheduler reads the same setting, so training and sampling always agree."""
         kind = self.train_scheduler.config.prediction_type
         if kind == "epsilon":
             return noise
@@ -216,22 +225,22 @@ class LaVie(VideoGenerator):
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
         shape = (self.autoencoder.latent_channels, num_frames, height // factor, width // factor)
 
-        # Noise from a CPU generator per video: the same seed gives the same video on any device and batch.
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        noise = noise.to(self.device, self.dtype)
+        # One CPU generator per video draws its initial noise and then its step noise (ancestral sampling): the same
+        # seed gives the same video on any device and in any batch.
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([settings["negative_prompt"]] * len(prompts))
-        scheduler = DDIMScheduler.from_config(self.noise_schedule)
-        latents = ddim_sample(
+        latents = guided_denoise(
             lambda x, t, c: self.unet(x, t, c),
-            scheduler,
+            make_scheduler(settings["method"], self.noise_schedule),
             noise,
             cond,
             uncond,
             num_inference_steps=settings["num_inference_steps"],
             guidance_scale=settings["guidance_scale"],
             eta=settings["eta"],
-            generator=torch.Generator().manual_seed(seeds[0]),
+            generator=generators,
             progress=progress,
         )
         video = self.autoencoder.decode(latents).float().clamp(-1, 1)  # (B, T, C, H, W)

@@ -136,6 +136,30 @@ def test_generate_rejects_bad_prompt_lists(model, prompts):
 def test_generate_rejects_unknown_sampler_settings(model):
     with pytest.raises(ValueError, match="unknown sampler setting"):
         model.generate(["a red circle"], guidance=3.0)
+    with pytest.raises(ValueError, match="unknown sampler method 'euler'"):
+        model.generate(["a red circle"], method="euler")
+
+
+def test_both_named_samplers_generate_the_same_video_for_a_seed(model):
+    """DDPM draws fresh noise at every step from each video's own generator: the same seed gives the same video, in
+    any batch; DDIM (eta 0) and DDPM start from the same noise and end in different videos."""
+    prompts = ["a red circle moving left on a dark background", "a green star"]
+    assert model.sampler["method"] == "ddim"  # the CPU recipe's (configs/model/lavie_tiny.yaml)
+    ddpm = model.generate(prompts, seed=3, method="ddpm")
+    assert torch.equal(model.generate(prompts, seed=3, method="ddpm"), ddpm)
+    assert torch.equal(model.generate(prompts[1:], seed=4, method="ddpm")[0], ddpm[1])
+    assert not torch.equal(model.generate(prompts, seed=3, method="ddim"), ddpm)
+
+
+@pytest.mark.parametrize("sampler, message", [
+    ({"method": "euler"}, "model.sampler.method must be one of ddpm, ddim, got 'euler'"),
+    ({"method": None}, "model.sampler.method must be one of ddpm, ddim, got None"),
+])
+def test_sampler_method_is_checked_before_the_model_is_built(sampler, message):
+    cfg = OmegaConf.load(CONFIGS / "model" / "lavie_tiny.yaml")
+    cfg.sampler = OmegaConf.merge(cfg.sampler, sampler)
+    with pytest.raises(ValueError, match=message):
+        LaVie.validate_config(cfg)
 
 
 def test_generate_rejects_seed_count_mismatch(model):
@@ -154,13 +178,15 @@ def test_noise_schedule_is_lavies():
     # 50 DDIM steps over 1000 training steps with SD's steps_offset=1: 981, 961, ..., 1
     assert ddim.timesteps.tolist() == list(range(981, 0, -20))
     assert cfg.sampler.num_inference_steps == 50 and cfg.sampler.guidance_scale == 7.5
+    # the official sampler (LaVie's base/configs/sample.yaml: sample_method 'ddpm', 50 steps)
+    assert cfg.sampler.method == "ddpm" and cfg.sampler.eta == 0
     assert (cfg.sampler.num_frames, cfg.sampler.height, cfg.sampler.width) == (16, 320, 512)
     assert cfg.autoencoder.scaling_factor == 0.18215 and cfg.fps == 8
 
 
 def test_classifier_free_guidance_combines_conditional_and_unconditional(model):
     """guidance 1 uses only the conditional branch; other scales extrapolate from the unconditional one."""
-    from modules.samplers.ddim import ddim_sample
+    from modules.samplers.diffusion import guided_denoise
 
     calls = []
 
@@ -171,12 +197,12 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional(model):
     noise = torch.randn(1, 3, 2, 4, 4)
     cond, uncond = torch.full((1, 5, 8), 1.0), torch.full((1, 5, 8), 0.5)
     scheduler = lambda: DDIMScheduler.from_config(model.noise_schedule)  # noqa: E731
-    plain = ddim_sample(denoiser, scheduler(), noise, cond, uncond, num_inference_steps=1, guidance_scale=1.0)
+    plain = guided_denoise(denoiser, scheduler(), noise, cond, uncond, num_inference_steps=1, guidance_scale=1.0)
     assert calls == [1]
-    guided = ddim_sample(denoiser, scheduler(), noise, cond, uncond, num_inference_steps=1, guidance_scale=3.0)
+    guided = guided_denoise(denoiser, scheduler(), noise, cond, uncond, num_inference_steps=1, guidance_scale=3.0)
     assert calls == [1, 2]
     # eps = 0.5 + 3 * (1.0 - 0.5) = 2.0 vs eps = 1.0: a different, deterministic result
-    expected = ddim_sample(lambda x, t, c: torch.full_like(x, 2.0), scheduler(), noise, cond, None, 1, 1.0)
+    expected = guided_denoise(lambda x, t, c: torch.full_like(x, 2.0), scheduler(), noise, cond, None, 1, 1.0)
     torch.testing.assert_close(guided, expected)
     assert not torch.allclose(plain, guided)
 

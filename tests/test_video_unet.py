@@ -1,19 +1,26 @@
-"""VideoUNet: an SD UNet inflated with LaVie's temporal attention.
+"""VideoUNet: an SD UNet inflated with LaVie's temporal attention, its ResNet GroupNorms pooled over the frames.
 
-Zero-initialised temporal layers make it the 2D UNet per frame; image frames of joint training skip temporal
-attention; at paper size it has SD 1.4's parameters plus exactly the temporal layers of the official checkpoint.
+With zero-initialised temporal layers it is the 2D UNet per frame on a video of identical frames (on any video when
+its GroupNorms are per frame); the official LaVie outputs are the reference for the rest
+(tests/test_lavie_official_parity.py). Image frames of joint training skip temporal attention and are normalised on
+their own; at paper size the state dict is exactly the official checkpoint's (`<fixtures root>/lavie/keys_base.json`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+import re
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from modules.components.checkpoints import CheckpointKeyError
+from modules.components.video_group_norm import VideoGroupNorm
 from modules.components.video_unet import SpatioTemporalBlock, VideoUNet, coordinate_grid
 from tests.sd_layout import TINY_UNET, randomize_
 
@@ -34,9 +41,9 @@ def unet2d() -> UNet2DConditionModel:
     return randomize_(UNet2DConditionModel(**SMALL_UNET), seed=1).eval()
 
 
-def inflate(unet2d: UNet2DConditionModel) -> VideoUNet:
+def inflate(unet2d: UNet2DConditionModel, **options) -> VideoUNet:
     torch.manual_seed(2)
-    video = VideoUNet(**SMALL_UNET)
+    video = VideoUNet(**SMALL_UNET, **options)
     video.load_image_unet_weights(unet2d.state_dict())
     return video.eval()
 
@@ -60,8 +67,29 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
 
 
+def still(sample: torch.Tensor) -> torch.Tensor:
+    """The first frame repeated over the frame axis: pooled statistics over identical frames are that frame's."""
+    return sample[:, :, :1].expand_as(sample).contiguous()
+
+
+def test_resnet_and_output_group_norms_pool_over_frames(unet2d):
+    """LaVie's ResNet norms and conv_norm_out see the whole video; the transformers' input norm stays per frame.
+    Same parameters and keys either way."""
+    video, per_frame_norms = inflate(unet2d), inflate(unet2d, group_norm_over_frames=False)
+    pooled = {name for name, m in video.named_modules() if isinstance(m, VideoGroupNorm)}
+    assert pooled and all(name.endswith((".norm1", ".norm2")) or name == "conv_norm_out" for name in pooled)
+    assert len(pooled) == 2 * sum(isinstance(m, ResnetBlock2D) for m in video.modules()) + 1
+    transformer_norms = [m for name, m in video.named_modules() if re.search(r"attentions\.\d+\.norm$", name)]
+    assert transformer_norms and all(type(m) is torch.nn.GroupNorm for m in transformer_norms)
+    assert not any(isinstance(m, VideoGroupNorm) for m in per_frame_norms.modules())
+    assert video.state_dict().keys() == per_frame_norms.state_dict().keys()
+    assert all(torch.equal(v, per_frame_norms.state_dict()[k]) for k, v in video.state_dict().items())
+
+
 @torch.no_grad()
-def test_zero_initialised_temporal_layers_give_the_2d_unet_per_frame(unet2d):
+def test_zero_initialised_temporal_layers_give_the_2d_unet_on_a_still_video(unet2d):
+    """The 2D UNet on each frame is what the video UNet computes at initialisation only where pooled statistics are
+    per-frame ones: a video of identical frames. On a moving video the frames share their GroupNorm statistics."""
     video = inflate(unet2d)
     blocks = list(video.temporal_blocks())
     assert len(blocks) == 7  # 2 down + 1 mid + 2x2 up transformer blocks at layers_per_block=1
@@ -75,17 +103,32 @@ def test_zero_initialised_temporal_layers_give_the_2d_unet_per_frame(unet2d):
             assert torch.equal(tensor, reference[name]), name
 
     sample, timesteps, context = inputs()
-    expected = per_frame(unet2d, sample, timesteps, context)
-    out = video(sample, timesteps, context)
+    frozen = still(sample)
+    expected = per_frame(unet2d, frozen, timesteps, context)
+    out = video(frozen, timesteps, context)
     assert out.shape == (B, C, F, H, W)
     assert expected.abs().mean() > 0.1  # a non-trivial output
     assert_close(out, expected)
 
-    # frames stay independent while the temporal output projection is zero
+    # a moving video: pooled statistics differ from each frame's, and every frame's output depends on every frame
+    out = video(sample, timesteps, context)
+    assert (out - per_frame(unet2d, sample, timesteps, context)).abs().max() > 1e-2
     changed = sample.clone()
     changed[:, :, 0] += 1.0
-    out_changed = video(changed, timesteps, context)
-    assert_close(out_changed[:, :, 1:], out[:, :, 1:])
+    assert (video(changed, timesteps, context)[:, :, 1:] - out[:, :, 1:]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_per_frame_group_norms_give_the_2d_unet_on_every_frame(unet2d):
+    """`group_norm_over_frames=False` (the 2D UNet per frame, what a backbone with per-frame ResNets chooses): with
+    zero temporal output projections the frames of any video stay independent."""
+    video = inflate(unet2d, group_norm_over_frames=False)
+    sample, timesteps, context = inputs()
+    out = video(sample, timesteps, context)
+    assert_close(out, per_frame(unet2d, sample, timesteps, context))
+    changed = sample.clone()
+    changed[:, :, 0] += 1.0
+    assert_close(video(changed, timesteps, context)[:, :, 1:], out[:, :, 1:])
 
 
 @torch.no_grad()
@@ -133,6 +176,13 @@ def test_image_frames_skip_temporal_attention(unet2d):
     assert_close(out_changed[:, :, :F], out[:, :, :F])
     assert_close(out_changed[:, :, F + 1], out[:, :, F + 1])
     assert (out_changed[:, :, F] - out[:, :, F]).abs().max() > 1e-3
+    # an image's output does not depend on the video beside it: the images are normalised on their own, not pooled
+    # with the video's frames (whose outputs do change)
+    other_video = sample.clone()
+    other_video[:, :, :F] = 2.0 * other_video[:, :, :F] + 0.5
+    out_other = video(other_video, timesteps, context, num_image_frames=images)
+    assert (out_other[:, :, :F] - out[:, :, :F]).abs().max() > 1e-2
+    assert_close(out_other[:, :, F:], out[:, :, F:])
 
     with pytest.raises(ValueError, match="image prompts"):
         video(sample, timesteps, context[:, :2], num_image_frames=images)
@@ -150,7 +200,6 @@ def test_loading_a_2d_unet_is_strict_except_for_temporal_keys(unet2d):
 
 
 # ---------------------------------------------------------------------------------------------- paper size
-SD14_UNET_PARAMS = 859_520_964  # CompVis/stable-diffusion-v1-4 unet/: 859.52M parameters
 # transformer blocks per width in SD 1.4: down 2+2+2 (320, 640, 1280), mid 1 (1280), up 3+3+3 (1280, 640, 320)
 SD14_BLOCK_WIDTHS = [320] * 5 + [640] * 5 + [1280] * 6
 HEADS, BUCKETS = 8, 32
@@ -159,6 +208,15 @@ HEADS, BUCKETS = 8, 32
 def temporal_params(channels: int) -> int:
     """to_q, to_k, to_v (no bias), to_out (weight + bias), norm_temp (weight + bias), relative-position table."""
     return 4 * channels * channels + channels + 2 * channels + BUCKETS * HEADS
+
+
+@pytest.fixture(scope="module")
+def official_base_keys(fixtures_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the state dict the official sampling script loads strictly from lavie_base.pt (README)."""
+    path = fixtures_dir / "lavie" / "keys_base.json"
+    if not path.is_file():
+        pytest.fail(f"official key layout not found: {path}")
+    return {key: tuple(shape) for key, shape in json.loads(path.read_text()).items()}
 
 
 @pytest.fixture(scope="module")
@@ -171,20 +229,30 @@ def paper_unets():
     return video, image
 
 
-def test_paper_size_parameters(paper_unets):
+def test_paper_size_state_dict_is_the_official_checkpoints(paper_unets, official_base_keys):
+    """Every key and shape of the official base UNet, and nothing else: lavie_base.pt loads strictly."""
+    video, _ = paper_unets
+    state = {k: tuple(v.shape) for k, v in video.state_dict().items()}
+    assert state.keys() - official_base_keys.keys() == set()
+    assert official_base_keys.keys() - state.keys() == set()
+    assert state == official_base_keys
+
+
+def test_paper_size_parameters(paper_unets, official_base_keys):
+    """SD 1.4's parameters plus LaVie's temporal layers; the state dict repeats the one shared rotary `freqs` tensor
+    under every block (official layout), so its element count is the unique parameters plus those repeats."""
     video, image = paper_unets
     assert type(video) is VideoUNet
-    expected_temporal = sum(temporal_params(c) for c in SD14_BLOCK_WIDTHS)
-    assert expected_temporal == 49_603_136
-
     params = dict(video.named_parameters())
-    temporal = {k: p.numel() for k, p in params.items() if VideoUNet.is_temporal_key(k)}
-    spatial = {k: p.numel() for k, p in params.items() if not VideoUNet.is_temporal_key(k)}
-    assert sum(temporal.values()) == expected_temporal
-    assert sum(spatial.values()) == sum(p.numel() for p in image.parameters()) == SD14_UNET_PARAMS
-    total = sum(temporal.values()) + sum(spatial.values())
-    assert total == SD14_UNET_PARAMS + expected_temporal == 909_124_100  # "about 909M"
-    assert 905e6 < total < 913e6
+    temporal = sum(p.numel() for k, p in params.items() if VideoUNet.is_temporal_key(k))
+    spatial = sum(p.numel() for k, p in params.items() if not VideoUNet.is_temporal_key(k))
+    assert spatial == sum(p.numel() for p in image.parameters())
+    assert temporal == sum(temporal_params(c) for c in SD14_BLOCK_WIDTHS)
+
+    freqs = {k: s for k, s in official_base_keys.items() if k.endswith("rotary_emb.freqs")}
+    assert len(freqs) == len(SD14_BLOCK_WIDTHS) == len(list(video.temporal_blocks()))
+    official_elements = sum(torch.Size(s).numel() for s in official_base_keys.values())
+    assert spatial + temporal + sum(torch.Size(s).numel() for s in freqs.values()) == official_elements
 
 
 def test_paper_size_state_dict_layout(paper_unets):
@@ -193,32 +261,21 @@ def test_paper_size_state_dict_layout(paper_unets):
     temporal = {k: s for k, s in state.items() if VideoUNet.is_temporal_key(k)}
     spatial = {k: s for k, s in state.items() if not VideoUNet.is_temporal_key(k)}
     assert spatial == {k: tuple(v.shape) for k, v in image.state_dict().items()}  # names and shapes
-    assert len(temporal) == 144
-    assert len(list(video.temporal_blocks())) == 16
+    assert len(list(video.temporal_blocks())) == len(SD14_BLOCK_WIDTHS)
 
     block = "down_blocks.0.attentions.0.transformer_blocks.0"
     assert temporal[f"{block}.attn_temp.to_q.weight"] == (320, 320)
-    assert temporal[f"{block}.attn_temp.to_k.weight"] == (320, 320)
-    assert temporal[f"{block}.attn_temp.to_v.weight"] == (320, 320)
-    assert temporal[f"{block}.attn_temp.to_out.0.weight"] == (320, 320)
-    assert temporal[f"{block}.attn_temp.to_out.0.bias"] == (320,)
-    assert temporal[f"{block}.attn_temp.time_rel_pos_bias.relative_attention_bias.weight"] == (32, 8)
-    assert temporal[f"{block}.attn_temp.rotary_emb.freqs"] == (16,)
-    assert temporal[f"{block}.norm_temp.weight"] == (320,)
-    assert temporal[f"{block}.norm_temp.bias"] == (320,)
+    assert temporal[f"{block}.attn_temp.time_rel_pos_bias.relative_attention_bias.weight"] == (BUCKETS, HEADS)
     for proj in ("to_q", "to_k", "to_v"):
         assert not any(k.endswith(f"attn_temp.{proj}.bias") for k in state)
-    mid = "mid_block.attentions.0.transformer_blocks.0"
-    assert temporal[f"{mid}.attn_temp.to_q.weight"] == (1280, 1280)
-    up = "up_blocks.3.attentions.2.transformer_blocks.0"
-    assert temporal[f"{up}.norm_temp.weight"] == (320,)
-    # the 9 keys per block, in every one of the 16 blocks
+    # the 9 keys per block, in every block
     suffixes = {k.split(".transformer_blocks.0.", 1)[1] for k in temporal}
     assert suffixes == {
         "attn_temp.to_q.weight", "attn_temp.to_k.weight", "attn_temp.to_v.weight", "attn_temp.to_out.0.weight",
         "attn_temp.to_out.0.bias", "attn_temp.rotary_emb.freqs",
         "attn_temp.time_rel_pos_bias.relative_attention_bias.weight", "norm_temp.weight", "norm_temp.bias",
     }
+    assert len(temporal) == len(suffixes) * len(SD14_BLOCK_WIDTHS)
 
 
 def test_from_config_keeps_the_video_class(unet2d):

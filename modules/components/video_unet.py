@@ -1,9 +1,11 @@
 """A Stable Diffusion UNet inflated to video (LaVie base, section 4.1).
 
-Every 2D layer runs per frame (frames folded into the batch), and each transformer block becomes a
-spatio-temporal block: spatial self-attention, cross-attention, temporal self-attention, feed-forward. The class
-is diffusers' `UNet2DConditionModel` with its transformer blocks swapped, so parameter names are exactly those of
-the SD UNet (which loads strictly) plus, per block, the official LaVie temporal keys `norm_temp.*`, `attn_temp.*`.
+Every 2D layer runs with the frames folded into the batch, and each transformer block becomes a spatio-temporal
+block: spatial self-attention, cross-attention, temporal self-attention, feed-forward. As in the official LaVie UNet,
+the ResNet GroupNorms and `conv_norm_out` take their statistics over all frames of a video (`VideoGroupNorm`); the
+transformers' input GroupNorm stays per frame. The class is diffusers' `UNet2DConditionModel` with its transformer
+blocks and those norms swapped, so parameter names are exactly those of the SD UNet (which loads strictly) plus, per
+block, the official LaVie temporal keys `norm_temp.*`, `attn_temp.*`.
 """
 from __future__ import annotations
 
@@ -15,13 +17,32 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 from einops import rearrange
 from torch import nn
 
 from modules.components.checkpoints import load_diffusers_weights, load_state_dict_checked
 from modules.components.temporal_attention import TemporalAttention
+from modules.components.video_group_norm import FrameLayout, VideoGroupNorm
 
 TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.")
+# Constructor arguments of the official base `UNet3DConditionModel` that VideoUNet does not take: `use_first_frame`
+# (sparse-causal spatial attention, the interpolation model's) must be off; `use_relative_position` does not change
+# the base model's temporal layers, which always have RoPE and the relative-position table.
+LAVIE_ONLY_ARGUMENTS = ("use_first_frame", "use_relative_position")
+
+
+def config_from_lavie(config: dict) -> dict:
+    """VideoUNet arguments from an official LaVie base UNet config (its diffusers JSON): the same arguments with the
+    3D block names of `base/models/unet_blocks.py` as the diffusers 2D blocks VideoUNet inflates."""
+    if config.get("use_first_frame"):
+        raise ValueError("use_first_frame (sparse-causal attention, LaVie's interpolation model) is not supported")
+    arguments = {k: v for k, v in config.items() if not k.startswith("_") and k not in LAVIE_ONLY_ARGUMENTS}
+    for key in ("down_block_types", "up_block_types"):
+        arguments[key] = [name.replace("3D", "2D") for name in arguments[key]]
+    if "mid_block_type" in arguments:
+        arguments["mid_block_type"] = arguments["mid_block_type"].replace("3D", "2D")
+    return arguments
 
 
 def frame_position_encoding(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -113,15 +134,21 @@ class VideoUNet(UNet2DConditionModel):
     forward(sample [B, C, F, H, W], timestep [B] or scalar, encoder_hidden_states, num_image_frames=0)
     -> noise prediction [B, C_out, F, H, W]. `encoder_hidden_states` is [B, L, D] (one prompt for every frame)
     or [B, 1 + M, L, D]: the video's prompt, then one prompt per appended image (LaVie's joint training layout).
+    The last M = `num_image_frames` frames are images: they skip temporal attention and are normalised on their own,
+    so each is the 2D UNet on that image and neither it nor the video depends on the other.
     """
 
     #: channels of each head rotated by the temporal rotary encoding (LaVie: RotaryEmbedding(32))
     rotary_dim = 32
 
     @functools.wraps(UNet2DConditionModel.__init__)  # keeps the config signature diffusers' from_config reads
-    def __init__(self, *args, frame_positions: bool = False, coordinate_channels: bool = False,
-                 frame_embedding: bool = False, **kwargs):
-        """`frame_positions=True` adds a sinusoidal encoding of the frame index to every temporal attention's input.
+    def __init__(self, *args, group_norm_over_frames: bool = True, frame_positions: bool = False,
+                 coordinate_channels: bool = False, frame_embedding: bool = False, **kwargs):
+        """`group_norm_over_frames=True` (LaVie's official UNet) takes the statistics of every ResNet GroupNorm and
+        of `conv_norm_out` over all frames of a video (`VideoGroupNorm`); False keeps them per frame, the 2D UNet on
+        each frame (a backbone whose ResNets are per frame chooses that).
+
+        `frame_positions=True` adds a sinusoidal encoding of the frame index to every temporal attention's input.
         LaVie has none (its rotary encoding is relative only), which cannot tell frame 0 from frame 7 in a noisy
         clip: a model trained from scratch then places a moving object at its average position in every frame.
         Off by default (the official architecture); the CPU-sized recipe turns it on (docs/tiny_lavie.md)."""
@@ -146,6 +173,11 @@ class VideoUNet(UNet2DConditionModel):
         # otherwise learn where they are only from zero padding, slowly; a shape or a trajectory is a function of
         # where. Off by default (the official architecture); see docs/tiny_lavie.md.
         self.coordinate_channels = coordinate_channels
+        self.group_norm_over_frames = group_norm_over_frames
+        # set by forward, read by every VideoGroupNorm: the norms sit in diffusers blocks that pass no frame count
+        self.frame_layout = FrameLayout()
+        if group_norm_over_frames:
+            self._pool_group_norms_over_frames()
         for transformer in self.modules():
             blocks = getattr(transformer, "transformer_blocks", None)
             if blocks is None:
@@ -156,6 +188,19 @@ class VideoUNet(UNet2DConditionModel):
                         block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads),
                         frame_positions=frame_positions,
                     )
+
+    def _pool_group_norms_over_frames(self) -> None:
+        """Swap the ResNets' `norm1`, `norm2` and `conv_norm_out` for `VideoGroupNorm`s (same parameters). The
+        transformers' input GroupNorm is left per frame, as in LaVie (it runs after `b c f h w -> (b f) c h w`)."""
+        for resnet in self.modules():
+            if isinstance(resnet, ResnetBlock2D):
+                for name in ("norm1", "norm2"):
+                    norm = getattr(resnet, name)
+                    if type(norm) is not nn.GroupNorm:
+                        raise ValueError(f"group_norm_over_frames needs GroupNorm ResNets, found {type(norm).__name__}")
+                    setattr(resnet, name, VideoGroupNorm(norm, self.frame_layout))
+        if self.conv_norm_out is not None:
+            self.conv_norm_out = VideoGroupNorm(self.conv_norm_out, self.frame_layout)
 
     def temporal_blocks(self) -> Iterator[SpatioTemporalBlock]:
         return (m for m in self.modules() if isinstance(m, SpatioTemporalBlock))
@@ -206,6 +251,7 @@ class VideoUNet(UNet2DConditionModel):
         if self.coordinate_channels:
             sample = torch.cat([sample, coordinate_grid(sample, video_frames)], dim=1)
         x = rearrange(sample, "b c f h w -> (b f) c h w")
+        self.frame_layout.set(video_frames, frames)
         frame_info = {"video_frames": video_frames, "total_frames": frames}
         frame_index = None
         if self.frame_embedding:
