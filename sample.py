@@ -3,6 +3,7 @@
     python sample.py experiment=tiny_lavie ckpt_path=RUN/checkpoints/last.ckpt prompts='["a red circle moving left"]'
     python sample.py experiment=tiny_lavie ckpt_path=... prompts_file=prompts.txt num_seeds=2
     python sample.py model=lavie_base model.pretrained.sd_path=DIR model.pretrained.checkpoint=lavie_base.pt
+    python sample.py experiment=tiny_lavie ckpt_path=... prompts=... super_resolution=VSR_RUN/checkpoints/last.ckpt
 
 Only the VideoGenerator contract is used: a new backbone needs nothing here.
 """
@@ -23,6 +24,7 @@ from modules.base import VideoGenerator, check_num_frames
 from utils.cli import user_errors_exit
 from utils.generators import build_generator
 from utils.progress import WorkProgress
+from utils.super_resolution import build_super_resolution
 
 log = logging.getLogger("t2v")
 GRID_MAX_VIDEOS = 16
@@ -63,6 +65,10 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.num_frames is not None:
         check_num_frames(cfg.num_frames)  # before a paper-size model is built
     model: VideoGenerator = build_generator(cfg)
+    # optional post-process: a super-resolution stage upsamples every video (LaVie's VSR; Loong's paper, too, puts an
+    # off-the-shelf super-resolution stage after its generator)
+    upsampler = (build_super_resolution(cfg.super_resolution, cfg.device, cfg.precision)
+                 if cfg.get("super_resolution") else None)
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +80,8 @@ def sample(cfg: DictConfig) -> Path:
         "num_frames": cfg.num_frames,  # as asked; each video's entry records the frames it has
         "sampler": model.sampler_settings(),
         "fps": model.fps,
+        "super_resolution": None if upsampler is None else {"from": cfg.super_resolution,
+                                                             "sampler": upsampler.sampler_settings()},
         "videos": [],
     }
     grid_videos = []
@@ -91,6 +99,8 @@ def sample(cfg: DictConfig) -> Path:
             if bar.total is None or bar.unit == "batches":  # a generate that does not report its steps
                 bar.unit, bar.total = "batches", len(batches)
                 bar.update(k + 1)
+            if upsampler is not None:
+                videos = upsampler.upsample(videos, [prompt for _, prompt, _ in batch], seed=[s for _, _, s in batch])
             for (p, prompt, seed), video in zip(batch, videos):
                 path = out_dir / f"{p:03d}_{slug(prompt)}_seed{seed}.mp4"
                 write_video(path, video, fps=model.fps)

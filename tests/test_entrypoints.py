@@ -144,6 +144,27 @@ def test_sample_writes_videos_grid_and_record(trained_run, tmp_path, capsys):
     assert torch.equal(read_video(again / first["file"]), read_video(out / record["videos"][0]["file"]))
 
 
+def test_sample_super_resolution_upsamples_every_video(trained_run, tmp_path):
+    """super_resolution= post-processes any generator's videos: here a VSR run's checkpoint (its model from the
+    run's config.yaml) after the tiny base model, 32x32 -> 128x128."""
+    from tests.test_lavie_vsr import small_config
+
+    vsr_run = tmp_path / "vsr_run"
+    (vsr_run / "checkpoints").mkdir(parents=True)
+    vsr_cfg = small_config()
+    vsr_cfg.sampler.num_inference_steps = 1
+    OmegaConf.save(OmegaConf.create({"model": vsr_cfg}), vsr_run / "config.yaml")
+    from hydra.utils import instantiate
+    torch.save({"state_dict": instantiate(vsr_cfg).state_dict()}, vsr_run / "checkpoints" / "last.ckpt")
+
+    out = tmp_path / "samples"
+    sample(sample_config(out, f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", "num_frames=3",
+                         f"prompts=[{PROMPT}]", f"super_resolution={vsr_run / 'checkpoints' / 'last.ckpt'}"))
+    record = json.loads((out / "samples.json").read_text())
+    assert record["super_resolution"]["sampler"]["num_inference_steps"] == 1
+    assert read_video(out / record["videos"][0]["file"]).shape == (3, 128, 128, 3)
+
+
 def test_sample_command_line_reports_a_bad_frame_count_without_a_traceback(tmp_path):
     result = run("sample.py", "experiment=tiny_lavie", "num_frames=0", f"prompts=[{PROMPT}]",
                  f"hydra.run.dir={tmp_path}", check=False)
@@ -301,7 +322,7 @@ def test_sample_and_evaluate_help_have_examples(tmp_path, entry, example):
 
 # what sample.py reads; everything else an experiment sets is for training and must not show in `--cfg job`
 SAMPLING_KEYS = {"model", "paths", "task_name", "ckpt_path", "prompts", "prompts_file", "num_frames", "seed",
-                 "num_seeds", "batch_size", "device", "precision"}
+                 "num_seeds", "batch_size", "device", "precision", "super_resolution"}
 
 
 def test_sample_config_holds_only_what_sampling_uses(tmp_path):

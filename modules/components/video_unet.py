@@ -184,10 +184,15 @@ class VideoUNet(UNet2DConditionModel):
                 continue
             for i, block in enumerate(blocks):
                 if isinstance(block, BasicTransformerBlock):
-                    blocks[i] = SpatioTemporalBlock(
-                        block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads),
-                        frame_positions=frame_positions,
-                    )
+                    blocks[i] = self._temporal_block(block)
+
+    def _temporal_block(self, block: BasicTransformerBlock) -> nn.Module:
+        """The spatio-temporal block that replaces one of diffusers' transformer blocks (a UNet of another design,
+        e.g. LaVie's VSR UNet, returns its own)."""
+        return SpatioTemporalBlock(
+            block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads),
+            frame_positions=self.frame_positions,
+        )
 
     def _pool_group_norms_over_frames(self) -> None:
         """Swap the ResNets' `norm1`, `norm2` and `conv_norm_out` for `VideoGroupNorm`s (same parameters). The
@@ -227,6 +232,7 @@ class VideoUNet(UNet2DConditionModel):
         timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
         num_image_frames: int = 0,
+        class_labels: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         batch, _, frames, _, _ = sample.shape
         video_frames = frames - num_image_frames
@@ -258,5 +264,10 @@ class VideoUNet(UNet2DConditionModel):
             index = torch.full((frames,), -1.0, device=sample.device)
             index[:video_frames] = torch.arange(video_frames, device=sample.device, dtype=index.dtype)
             frame_index = index.repeat(batch)  # (B F), frames fastest as in x
+        if class_labels is not None:  # one label per video (the x4 upscaler's noise level), for each of its frames
+            if self.frame_embedding:
+                raise ValueError("class_labels and frame_embedding both use the class embedding")
+            labels = torch.as_tensor(class_labels, device=sample.device)
+            frame_index = (labels.expand(batch) if labels.ndim == 0 else labels).repeat_interleave(frames)
         out = super().forward(x, timestep, context, class_labels=frame_index, cross_attention_kwargs=frame_info).sample
         return rearrange(out, "(b f) c h w -> b c f h w", b=batch)
