@@ -35,7 +35,7 @@ def compose_config(name: str, *overrides: str):
 
 
 # experiments also used by sample.py (they override only the model group; paper recipes sample with model=...)
-SAMPLE_EXPERIMENTS = ["tiny_lavie"]
+SAMPLE_EXPERIMENTS = ["tiny_lavie", "tiny_lavie_interpolation"]
 
 
 @pytest.mark.parametrize(("entry", "experiment"),
@@ -43,6 +43,7 @@ SAMPLE_EXPERIMENTS = ["tiny_lavie"]
 def test_experiments_compose(entry, experiment):
     cfg = compose_config(entry, f"experiment={experiment}")
     expected = ("modules.loong_tokenizer.LoongTokenizer" if "loong_tokenizer" in experiment
+                else "modules.lavie_interpolation.LaVieInterpolation" if "lavie_interpolation" in experiment
                 else "modules.lavie_vsr.LaVieVSR" if "lavie_vsr" in experiment
                 else "modules.loong.Loong" if "loong" in experiment else "modules.lavie.LaVie")
     assert cfg.model._target_ == expected
@@ -82,6 +83,7 @@ RECIPES = {
     "loong_tokenizer_65": (65, None), "tiny_lavie": (8, 4), "tiny_loong_tokenizer": (1, None),
     "tiny_loong_tokenizer_17": (17, None), "tiny_loong_tokenizer_65": (65, None),
     "tiny_loong": (1, 0), "tiny_loong_17": (17, 4), "tiny_loong_65": (65, 4),
+    "tiny_lavie_interpolation": (13, 0),
     "tiny_lavie_vsr": (8, 0),
 }
 OWN_IMAGES_PER_VIDEO = {"joint": 4}  # data configs whose default is not 0
@@ -156,6 +158,8 @@ def test_a_joint_recipe_on_videos_alone_asks_for_images(data, data_dir):
 TINY_SYNTHETIC = {
     "tiny_lavie": dict(num_frames=8, resolution=[32, 32], train_size=20000, val_size=16, batch_size=4,
                        num_workers=0, seed=0, images_per_video=4, image_mode=False),
+    "tiny_lavie_interpolation": dict(num_frames=13, resolution=[32, 32], train_size=20000, val_size=16,
+                                     batch_size=4, num_workers=0, seed=0, images_per_video=0, image_mode=False),
     "tiny_lavie_vsr": dict(num_frames=8, resolution=[128, 128], train_size=20000, val_size=8, batch_size=2,
                            num_workers=0, seed=0, images_per_video=0, image_mode=False),
     "tiny_loong_tokenizer": dict(num_frames=1, resolution=[32, 32], train_size=100000, val_size=32, batch_size=32,

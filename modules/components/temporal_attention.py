@@ -9,6 +9,10 @@ maths, so `lavie_base.pt` loads strictly and the fixtures in `$FIXTURES_DIR/lavi
     out     = softmax(q k^T + bias) v Wo + bo  (T5-style bucketed relative-position bias per head)
 
 The softmax runs inside `scaled_dot_product_attention` with the bias as an additive float mask.
+
+LaVie's interpolation UNet (`interpolation/models/attention.py`) uses a plain attention over frames instead: the same
+projections and scaling without the rotary encoding or the bias table (`rotary_dim=0, relative_position_bias=False`;
+its state dict then has no `rotary_emb.*` or `time_rel_pos_bias.*` keys, as the official one).
 """
 from __future__ import annotations
 
@@ -87,7 +91,10 @@ class RelativePositionBias(nn.Module):
 
 
 class TemporalAttention(nn.Module):
-    """Self-attention over frames. Input and output: (N, F, C), N = batch x spatial positions."""
+    """Self-attention over frames. Input and output: (N, F, C), N = batch x spatial positions.
+
+    `rotary_dim=0` leaves out the rotary encoding and `relative_position_bias=False` the bias table (LaVie's
+    interpolation stage has neither; its order of frames then reaches the block only through its inputs)."""
 
     def __init__(
         self,
@@ -96,6 +103,7 @@ class TemporalAttention(nn.Module):
         rotary_dim: int = 32,
         num_buckets: int = 32,
         max_distance: int = 32,
+        relative_position_bias: bool = True,
     ):
         super().__init__()
         if dim % heads:
@@ -107,17 +115,29 @@ class TemporalAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # official layout: to_out.0
-        self.rotary_emb = RotaryEmbedding(rotary_dim)
-        self.time_rel_pos_bias = RelativePositionBias(heads, num_buckets, max_distance)
+        self.rotary_emb = RotaryEmbedding(rotary_dim) if rotary_dim else None
+        self.time_rel_pos_bias = (RelativePositionBias(heads, num_buckets, max_distance) if relative_position_bias
+                                  else None)
+
+    def _queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, h, F, d) each; queries scaled, then queries and keys rotated (when there is a rotary encoding)."""
+        q, k, v = (rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        q = q * self.scale
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(q), self.rotary_emb(k)
+        return q, k, v
+
+    def _bias(self, num_frames: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """(1, h, F, F) relative-position bias, or None without the table."""
+        if self.time_rel_pos_bias is None:
+            return None
+        return self.time_rel_pos_bias(num_frames).to(dtype)[None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        num_frames = x.shape[1]
-        q, k, v = (rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v))
-        q = self.rotary_emb(q * self.scale)
-        k = self.rotary_emb(k)
+        q, k, v = self._queries_keys_values(x)
         # (1, h, F, F): a 4-D mask lets CPU SDPA use its fused kernel; a 3-D one falls back to the slow MATH path
         # (benchmarks/results/temporal_attention_cpu.md)
-        bias = self.time_rel_pos_bias(num_frames).to(q.dtype)[None]
+        bias = self._bias(x.shape[1], q.dtype)
         # scale=1: the queries are already scaled, before the rotation as in the official code
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (n, h, F, d)
         out = rearrange(out, "n h f d -> n f (h d)")
@@ -128,11 +148,11 @@ class TemporalAttention(nn.Module):
 
         Kept for parity tests and the SDPA-vs-einsum benchmark, not used by the model.
         """
-        num_frames = x.shape[1]
-        q, k, v = (rearrange(proj(x), "n f (h d) -> n h f d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v))
-        q = self.rotary_emb(q * self.scale)
-        k = self.rotary_emb(k)
-        logits = torch.einsum("n h i d, n h j d -> n h i j", q, k) + self.time_rel_pos_bias(num_frames).to(q.dtype)
+        q, k, v = self._queries_keys_values(x)
+        logits = torch.einsum("n h i d, n h j d -> n h i j", q, k)
+        bias = self._bias(x.shape[1], q.dtype)
+        if bias is not None:
+            logits = logits + bias
         probs = logits.softmax(dim=-1)
         out = rearrange(torch.einsum("n h i j, n h j d -> n h i d", probs, v), "n h f d -> n f (h d)")
         return self.to_out[1](self.to_out[0](out)), probs

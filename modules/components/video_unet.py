@@ -1,17 +1,23 @@
 """A Stable Diffusion UNet inflated to video (LaVie base, section 4.1).
 
 Every 2D layer runs with the frames folded into the batch, and each transformer block becomes a spatio-temporal
-block: spatial self-attention, cross-attention, temporal self-attention, feed-forward. As in the official LaVie UNet,
-the ResNet GroupNorms and `conv_norm_out` take their statistics over all frames of a video (`VideoGroupNorm`); the
+block: spatial self-attention, cross-attention, temporal self-attention, feed-forward (LaVie base; the block's design
+is a set of named options, `TemporalBlockDesign`, which also give LaVie's interpolation UNet). As in the official
+LaVie UNet, the ResNet GroupNorms and `conv_norm_out` take their statistics over all frames of a video (`VideoGroupNorm`); the
 transformers' input GroupNorm stays per frame. The class is diffusers' `UNet2DConditionModel` with its transformer
 blocks and those norms swapped, so parameter names are exactly those of the SD UNet (which loads strictly) plus, per
 block, the official LaVie temporal keys `norm_temp.*`, `attn_temp.*`.
+
+`conditioning_channels` widens `conv_in` for inputs concatenated after the noisy sample (LaVie's interpolation stage:
+the key frames' latents copied to the positions of the frames between them); the new input channels start at zero
+when 2D or lower-stage weights are loaded, so the UNet starts as the one it was initialised from.
 """
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,28 +27,100 @@ from diffusers.models.resnet import ResnetBlock2D
 from einops import rearrange
 from torch import nn
 
-from modules.components.checkpoints import load_diffusers_weights, load_state_dict_checked
+from modules.components.checkpoints import find_weight_file, load_state_dict_checked, read_state_dict
 from modules.components.temporal_attention import TemporalAttention
 from modules.components.video_group_norm import FrameLayout, VideoGroupNorm
 
 TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.")
-# Constructor arguments of the official base `UNet3DConditionModel` that VideoUNet does not take: `use_first_frame`
-# (sparse-causal spatial attention, the interpolation model's) must be off; `use_relative_position` does not change
-# the base model's temporal layers, which always have RoPE and the relative-position table.
+# Constructor arguments of the official `UNet3DConditionModel`s that are not VideoUNet arguments: `use_first_frame`
+# (sparse-causal spatial attention) and `use_relative_position` (no effect on the temporal layers either stage uses;
+# it stays False in both official configs) become `TemporalBlockDesign` options.
 LAVIE_ONLY_ARGUMENTS = ("use_first_frame", "use_relative_position")
 
 
-def config_from_lavie(config: dict) -> dict:
-    """VideoUNet arguments from an official LaVie base UNet config (its diffusers JSON): the same arguments with the
-    3D block names of `base/models/unet_blocks.py` as the diffusers 2D blocks VideoUNet inflates."""
-    if config.get("use_first_frame"):
-        raise ValueError("use_first_frame (sparse-causal attention, LaVie's interpolation model) is not supported")
+@dataclass(frozen=True)
+class TemporalBlockDesign:
+    """How a spatio-temporal block is put together; the defaults are LaVie's base UNet.
+
+    temporal_attention_after  "cross_attention": self-attn, cross-attn, temporal attn, feed-forward (LaVie base);
+                              "feed_forward": self-attn, cross-attn, feed-forward, temporal attn (LaVie interpolation)
+    temporal_rope             rotary encoding of the frame index in temporal attention (base: yes; interpolation: no)
+    temporal_position_bias    T5-style relative-position bias in temporal attention (base: yes; interpolation: no)
+    spatial_attention         "full": each frame attends to its own tokens; "sparse_causal": to the tokens of frame 0
+                              and frame i-1 (LaVie interpolation's `SparseCausalAttention`, Tune-A-Video's)
+    """
+
+    temporal_attention_after: str = "cross_attention"
+    temporal_rope: bool = True
+    temporal_position_bias: bool = True
+    spatial_attention: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.temporal_attention_after not in ("cross_attention", "feed_forward"):
+            raise ValueError(f"temporal_attention_after must be cross_attention or feed_forward, "
+                             f"got {self.temporal_attention_after!r}")
+        if self.spatial_attention not in ("full", "sparse_causal"):
+            raise ValueError(f"spatial_attention must be full or sparse_causal, got {self.spatial_attention!r}")
+
+
+LAVIE_BASE_DESIGN = TemporalBlockDesign()
+LAVIE_INTERPOLATION_DESIGN = TemporalBlockDesign(
+    temporal_attention_after="feed_forward", temporal_rope=False, temporal_position_bias=False,
+    spatial_attention="sparse_causal",
+)
+
+
+def config_from_lavie(config: dict, stage: str = "base") -> dict:
+    """VideoUNet arguments from an official LaVie UNet config (its diffusers JSON): the same arguments with the 3D
+    block names of `<stage>/models/unet_blocks.py` as the diffusers 2D blocks VideoUNet inflates.
+
+    `stage="base"`: `base/models/unet.py` (no sparse-causal attention). `stage="interpolation"`:
+    `interpolation/models/unet.py`, whose block design is `LAVIE_INTERPOLATION_DESIGN` (full spatial attention when
+    its `use_first_frame` is off) and whose `in_channels` count the noisy latent (`out_channels` of them) and then the
+    copied key-frame latents (`conditioning_channels`)."""
+    if stage not in ("base", "interpolation"):
+        raise ValueError(f"stage must be base or interpolation, got {stage!r}")
+    if stage == "base" and config.get("use_first_frame"):
+        raise ValueError("use_first_frame (sparse-causal attention) is the interpolation UNet's: "
+                         "use stage='interpolation'")
     arguments = {k: v for k, v in config.items() if not k.startswith("_") and k not in LAVIE_ONLY_ARGUMENTS}
     for key in ("down_block_types", "up_block_types"):
         arguments[key] = [name.replace("3D", "2D") for name in arguments[key]]
     if "mid_block_type" in arguments:
         arguments["mid_block_type"] = arguments["mid_block_type"].replace("3D", "2D")
+    if stage == "interpolation":
+        design = LAVIE_INTERPOLATION_DESIGN
+        arguments.update(
+            temporal_attention_after=design.temporal_attention_after, temporal_rope=design.temporal_rope,
+            temporal_position_bias=design.temporal_position_bias,
+            spatial_attention="sparse_causal" if config.get("use_first_frame") else "full",
+            in_channels=config["out_channels"], conditioning_channels=config["in_channels"] - config["out_channels"],
+        )
     return arguments
+
+
+def sparse_causal_context(hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
+    """Keys and values of sparse-causal attention for ((B F), D, C) tokens: frame i's are the tokens of frame 0
+    followed by those of frame max(i - 1, 0), ((B F), 2D, C), as in LaVie's `SparseCausalAttention` (frame 0 sees
+    its own tokens twice, which leaves softmax attention unchanged). Appended image frames see their own tokens
+    twice: plain self-attention."""
+    first = [0] * video_frames + list(range(video_frames, total_frames))
+    previous = [0] + list(range(video_frames - 1)) + list(range(video_frames, total_frames))
+    x = rearrange(hidden_states, "(b f) d c -> b f d c", f=total_frames)
+    return rearrange(torch.cat([x[:, first], x[:, previous]], dim=2), "b f d c -> (b f) d c")
+
+
+def with_conditioning_channels(state_dict: Mapping[str, torch.Tensor], conv_in_channels: int
+                               ) -> dict[str, torch.Tensor]:
+    """`state_dict` with `conv_in.weight` widened to `conv_in_channels` inputs by zeros, when it has fewer (a 2D SD
+    UNet or a lower stage's UNet for a UNet with conditioning channels): the new inputs start with no effect, as the
+    official interpolation UNet is initialised (`from_pretrained_2d`: new conv_in channels zero)."""
+    state = dict(state_dict)
+    weight = state.get("conv_in.weight")
+    if weight is not None and weight.ndim == 4 and weight.shape[1] < conv_in_channels:
+        extra = weight.new_zeros(weight.shape[0], conv_in_channels - weight.shape[1], *weight.shape[2:])
+        state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
+    return state
 
 
 def frame_position_encoding(frames: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -71,16 +149,19 @@ def coordinate_grid(sample: torch.Tensor, video_frames: int) -> torch.Tensor:
 
 class SpatioTemporalBlock(nn.Module):
     """LaVie's ST-Transformer block. Adopts the spatial sub-modules of a diffusers `BasicTransformerBlock`
-    (same names, same weights) and adds `norm_temp` + `attn_temp` between cross-attention and feed-forward.
+    (same names, same weights) and adds `norm_temp` + `attn_temp`, placed and built as `design` says (LaVie base:
+    between cross-attention and feed-forward, with RoPE and the relative-position bias).
 
     Hidden states arrive as ((B F), HW, C); the number of frames comes through `cross_attention_kwargs`, which
     diffusers hands to every transformer block: `video_frames` frames take part in temporal attention, the
     frames after them (images of joint image-video training) pass through it unchanged.
     """
 
-    def __init__(self, spatial: BasicTransformerBlock, rotary_dim: int = 32, frame_positions: bool = False):
+    def __init__(self, spatial: BasicTransformerBlock, rotary_dim: int = 32, frame_positions: bool = False,
+                 design: TemporalBlockDesign = LAVIE_BASE_DESIGN):
         super().__init__()
         self.frame_positions = frame_positions
+        self.design = design
         if spatial.norm_type != "layer_norm" or spatial.only_cross_attention or spatial.attn2 is None:
             raise ValueError("only Stable Diffusion style blocks (layer norm, self- then cross-attention) are inflated")
         self.norm1, self.attn1 = spatial.norm1, spatial.attn1
@@ -88,7 +169,8 @@ class SpatioTemporalBlock(nn.Module):
         self.norm3, self.ff = spatial.norm3, spatial.ff
         dim, heads = spatial.attn1.query_dim, spatial.attn1.heads
         self.norm_temp = nn.LayerNorm(dim)
-        self.attn_temp = TemporalAttention(dim, heads, rotary_dim=rotary_dim)
+        self.attn_temp = TemporalAttention(dim, heads, rotary_dim=rotary_dim if design.temporal_rope else 0,
+                                           relative_position_bias=design.temporal_position_bias)
         # Zero output projection: at initialisation the block (and the UNet) equals its 2D version per frame.
         nn.init.zeros_(self.attn_temp.to_out[0].weight)
         nn.init.zeros_(self.attn_temp.to_out[0].bias)
@@ -110,11 +192,23 @@ class SpatioTemporalBlock(nn.Module):
             raise RuntimeError("SpatioTemporalBlock needs cross_attention_kwargs['video_frames']; call VideoUNet.forward")
         video_frames, total_frames = kwargs["video_frames"], kwargs["total_frames"]
 
-        hidden_states = self.attn1(self.norm1(hidden_states), attention_mask=attention_mask) + hidden_states
+        normed = self.norm1(hidden_states)
+        # sparse-causal: keys and values from frames 0 and i-1 (the same projections, other tokens)
+        context = (sparse_causal_context(normed, video_frames, total_frames)
+                   if self.design.spatial_attention == "sparse_causal" else None)
+        hidden_states = self.attn1(normed, encoder_hidden_states=context, attention_mask=attention_mask) + hidden_states
         hidden_states = self.attn2(
             self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask
         ) + hidden_states
 
+        if self.design.temporal_attention_after == "cross_attention":
+            hidden_states = self._temporal(hidden_states, video_frames, total_frames)
+            return self.ff(self.norm3(hidden_states)) + hidden_states
+        hidden_states = self.ff(self.norm3(hidden_states)) + hidden_states
+        return self._temporal(hidden_states, video_frames, total_frames)
+
+    def _temporal(self, hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
+        """The temporal residual sub-block: x + attn_temp(norm_temp(x)) over the video frames of each token."""
         tokens = hidden_states.shape[1]
         x = rearrange(hidden_states, "(b f) d c -> (b d) f c", f=total_frames)
         video, images = x[:, :video_frames], x[:, video_frames:]
@@ -123,9 +217,7 @@ class SpatioTemporalBlock(nn.Module):
             normed = normed + frame_position_encoding(video_frames, normed.shape[-1], normed.device, normed.dtype)
         video = video + self.attn_temp(normed)
         x = torch.cat([video, images], dim=1)
-        hidden_states = rearrange(x, "(b d) f c -> (b f) d c", d=tokens)
-
-        return self.ff(self.norm3(hidden_states)) + hidden_states
+        return rearrange(x, "(b d) f c -> (b f) d c", d=tokens)
 
 
 class VideoUNet(UNet2DConditionModel):
@@ -143,8 +235,18 @@ class VideoUNet(UNet2DConditionModel):
 
     @functools.wraps(UNet2DConditionModel.__init__)  # keeps the config signature diffusers' from_config reads
     def __init__(self, *args, group_norm_over_frames: bool = True, frame_positions: bool = False,
-                 coordinate_channels: bool = False, frame_embedding: bool = False, **kwargs):
-        """`group_norm_over_frames=True` (LaVie's official UNet) takes the statistics of every ResNet GroupNorm and
+                 coordinate_channels: bool = False, frame_embedding: bool = False, conditioning_channels: int = 0,
+                 temporal_attention_after: str = "cross_attention", temporal_rope: bool = True,
+                 temporal_position_bias: bool = True, spatial_attention: str = "full", **kwargs):
+        """The block design (`temporal_attention_after`, `temporal_rope`, `temporal_position_bias`,
+        `spatial_attention`; defaults: LaVie base) is a `TemporalBlockDesign`, shared by every transformer block.
+
+        `conditioning_channels=N` widens `conv_in` by N input channels for a `conditioning` tensor that `forward`
+        concatenates after the sample (LaVie interpolation: N = 4, the copied key-frame latents). `in_channels`
+        stays the noisy sample's channels (the coordinate channels below included), so conv_in takes
+        in_channels + N; the N new input channels start at zero.
+
+        `group_norm_over_frames=True` (LaVie's official UNet) takes the statistics of every ResNet GroupNorm and
         of `conv_norm_out` over all frames of a video (`VideoGroupNorm`); False keeps them per frame, the 2D UNet on
         each frame (a backbone whose ResNets are per frame chooses that).
 
@@ -157,6 +259,11 @@ class VideoUNet(UNet2DConditionModel):
                 raise ValueError("frame_embedding uses the UNet's class embedding; leave class_embed_type unset")
             kwargs["class_embed_type"] = "timestep"
         super().__init__(*args, **kwargs)
+        self.design = TemporalBlockDesign(temporal_attention_after, temporal_rope, temporal_position_bias,
+                                          spatial_attention)
+        self.conditioning_channels = int(conditioning_channels)
+        if self.conditioning_channels:
+            self._widen_conv_in(self.conditioning_channels)
         self.frame_positions = frame_positions
         # `frame_embedding=True`: each frame's index goes through the timestep's sinusoid and an MLP of its own
         # (diffusers' class embedding of type "timestep") and is added to that frame's time embedding, so every
@@ -191,8 +298,18 @@ class VideoUNet(UNet2DConditionModel):
         e.g. LaVie's VSR UNet, returns its own)."""
         return SpatioTemporalBlock(
             block, rotary_dim=min(self.rotary_dim, block.attn1.inner_dim // block.attn1.heads),
-            frame_positions=self.frame_positions,
+            frame_positions=self.frame_positions, design=self.design,
         )
+
+    def _widen_conv_in(self, extra: int) -> None:
+        """conv_in with `extra` more input channels, zero-initialised: at initialisation the conditioning has no
+        effect and the UNet is the one without it."""
+        old = self.conv_in
+        self.conv_in = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, padding=old.padding)
+        with torch.no_grad():
+            self.conv_in.weight[:, : old.in_channels].copy_(old.weight)
+            self.conv_in.weight[:, old.in_channels :].zero_()
+            self.conv_in.bias.copy_(old.bias)
 
     def _pool_group_norms_over_frames(self) -> None:
         """Swap the ResNets' `norm1`, `norm2` and `conv_norm_out` for `VideoGroupNorm`s (same parameters). The
@@ -221,10 +338,14 @@ class VideoUNet(UNet2DConditionModel):
         """Load a 2D SD UNet (a diffusers `unet/` folder or a state dict): every key must match, and only the
         temporal layers may be absent (they keep their initialisation)."""
         temporal = [k for k in self.state_dict() if self.is_temporal_key(k)]
-        if isinstance(source, dict):
-            load_state_dict_checked(self, source, "2D UNet state dict", allowed_missing=temporal)
+        if isinstance(source, Mapping):
+            state, name = source, "2D UNet state dict"
         else:
-            load_diffusers_weights(self, source, strict=False, allowed_missing=temporal)
+            name = find_weight_file(source)
+            state = read_state_dict(name)
+        # conditioning channels: conv_in's new inputs start at zero (a 2D UNet has none)
+        state = with_conditioning_channels(state, self.conv_in.in_channels)
+        load_state_dict_checked(self, state, name, allowed_missing=temporal)
 
     def forward(  # type: ignore[override]
         self,
@@ -232,8 +353,11 @@ class VideoUNet(UNet2DConditionModel):
         timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
         num_image_frames: int = 0,
+        conditioning: torch.Tensor | None = None,
         class_labels: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        """`conditioning` [B, conditioning_channels, F, H, W]: concatenated after the sample (and its coordinate
+        channels), as LaVie's interpolation sampler concatenates [x_t, copied key frames]."""
         batch, _, frames, _, _ = sample.shape
         video_frames = frames - num_image_frames
         if video_frames < 1:
@@ -256,6 +380,11 @@ class VideoUNet(UNet2DConditionModel):
 
         if self.coordinate_channels:
             sample = torch.cat([sample, coordinate_grid(sample, video_frames)], dim=1)
+        given = 0 if conditioning is None else conditioning.shape[1]
+        if given != self.conditioning_channels:
+            raise ValueError(f"this UNet takes {self.conditioning_channels} conditioning channels, got {given}")
+        if conditioning is not None:
+            sample = torch.cat([sample, conditioning.to(sample.dtype)], dim=1)
         x = rearrange(sample, "b c f h w -> (b f) c h w")
         self.frame_layout.set(video_frames, frames)
         frame_info = {"video_frames": video_frames, "total_frames": frames}

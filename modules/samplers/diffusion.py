@@ -5,6 +5,10 @@ A sampler is a diffusers scheduler (`set_timesteps`/`step`) built from the model
     ddpm  ancestral sampling (Ho et al. 2020): `DDPMScheduler`, fresh noise at every step but the last.
           The official LaVie sampler (`base/configs/sample.yaml`: `sample_method: 'ddpm'`, 50 steps).
     ddim  DDIM (Song et al. 2021): `DDIMScheduler`; deterministic given the initial noise when eta = 0.
+
+A respaced sampler (`respaced_ddim_scheduler`) runs DDIM on a shorter diffusion made of a subset of the training
+timesteps (Nichol & Dhariwal 2021's `space_timesteps`, which DiT's `create_diffusion(str(steps))` builds): LaVie's
+interpolation stage samples that way (`interpolation/sample.py`: 50 respaced steps, DDIM, eta 0).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ Scheduler = DDPMScheduler | DDIMScheduler
 Generators = torch.Generator | list[torch.Generator] | None
 
 SAMPLER_METHODS = ("ddpm", "ddim")
+# samplers whose scheduler counts the steps of a respaced diffusion; the model is called with `timestep_map[step]`
+RESPACED_SAMPLER_METHODS = ("respaced_ddim",)
 
 
 def make_scheduler(method: str, noise_schedule: Mapping[str, Any]) -> Scheduler:
@@ -83,3 +89,38 @@ def guided_denoise(
         if progress is not None:
             progress(i + 1, len(steps))
     return x
+
+
+def respaced_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """The training timesteps a diffusion respaced to `num_steps` keeps, ascending: `space_timesteps(T, str(n))` of
+    Nichol & Dhariwal's improved-diffusion (one section), as DiT and LaVie's interpolation stage call it. They are
+    spread evenly over 0..T-1 by a fractional stride, accumulated and rounded (50 of 1000: 0, 20, 41, 61, ..., 999),
+    unlike DDIMScheduler's integer strides (`leading`: 0, 20, ..., 980)."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"cannot respace {num_train_timesteps} timesteps into {num_steps} steps")
+    stride = (num_train_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
+    kept, position = [], 0.0
+    for _ in range(num_steps):  # accumulated as improved-diffusion does, so the rounding matches it exactly
+        kept.append(round(position))
+        position += stride
+    return sorted(set(kept))
+
+
+def respaced_ddim_scheduler(noise_schedule: Mapping[str, Any], num_steps: int) -> tuple[DDIMScheduler, torch.Tensor]:
+    """DDIM on the diffusion respaced to `num_steps` of the training timesteps, and the map from its steps to them.
+
+    Respacing keeps the training schedule's alphas_cumprod at the kept timesteps t_0 < ... < t_{n-1} and makes them a
+    diffusion of its own, with betas 1 - abar(t_i) / abar(t_{i-1}) (improved-diffusion's `SpacedDiffusion`). Its
+    `DDIMScheduler` (steps n-1, ..., 0; the last step goes to abar = 1, the clean sample) is diffusers' unchanged;
+    the model was trained on the original timesteps, so it is called with `timestep_map[step]`. Returns
+    (scheduler, timestep_map as int64 [n]); `set_timesteps(n)` on the scheduler then takes every step once."""
+    base = DDPMScheduler.from_config(dict(noise_schedule))
+    timestep_map = torch.tensor(respaced_timesteps(base.config.num_train_timesteps, num_steps))
+    alphas_cumprod = base.alphas_cumprod.double()[timestep_map]
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    betas = (1 - alphas_cumprod / previous).tolist()
+    scheduler = DDIMScheduler.from_config({
+        **noise_schedule, "num_train_timesteps": len(betas), "trained_betas": betas,
+        "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading",
+    })
+    return scheduler, timestep_map
