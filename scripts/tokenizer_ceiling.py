@@ -31,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer_checkpoint", help="a LoongTokenizer checkpoint (train.py's last.ckpt)")
     parser.add_argument("--tokenizer-config", default="loong_tokenizer_tiny", help="its model config (configs/model)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override of the tokenizer's model config, e.g. 'model.encoder.channel_multipliers=[1,2,3]'")
     parser.add_argument("--num-videos", type=int, default=64)
     parser.add_argument("--out", default="logs/eval/synthetic/tokenizer_ceiling")
     args = parser.parse_args()
@@ -40,7 +42,7 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"model={args.tokenizer_config}", "eval=synthetic",
-                                             f"eval.num_videos={args.num_videos}", f"paths.root_dir={REPO}"])
+                                             f"eval.num_videos={args.num_videos}", f"paths.root_dir={REPO}", *args.set])
     protocol = instantiate(cfg.eval, _convert_="all")
     protocol.check_inputs()
     tokenizer = instantiate(cfg.model, _convert_="all")
