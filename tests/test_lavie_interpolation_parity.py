@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from modules.components.checkpoints import CheckpointKeyError
 from modules.components.video_unet import config_from_lavie
 from modules.lavie_interpolation import LaVieInterpolation
+from tests.lavie_fixtures import DISCRIMINATION, FP32, FP64, fixture_tensors, frame_counts, lavie_fixture_dir
 from tests.sd_layout import CONFIGS, TINY_TEXT_ENCODER, TINY_VAE, write_lavie_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,32 +32,15 @@ CONFIG = "unet_interp_tiny_config.json"
 WEIGHTS = "unet_interp_tiny_weights.safetensors"
 IO = "unet_interp_tiny_io.safetensors"
 BASE_WEIGHTS = "unet_base_tiny_weights.safetensors"  # a base-stage UNet of the same sizes
-# Tolerances suggested by the README (float64 with diffusers' float32 timestep sinusoid; float32 vs official float32)
-FP64 = dict(atol=1e-9, rtol=0.0)
-FP32 = dict(atol=1e-4, rtol=1e-4)
-# A wrong variant must miss the official output by this many times the float32 tolerance (the loosest used)
-DISCRIMINATION = 100
 
 
 @pytest.fixture(scope="module")
 def lavie_dir(fixtures_dir: Path) -> Path:
-    path = fixtures_dir / "lavie"
-    for name in (CONFIG, WEIGHTS, IO, BASE_WEIGHTS):
-        if not (path / name).is_file():
-            pytest.fail(f"LaVie UNet fixture not found: {path / name}")
-    return path
-
-
-@lru_cache(maxsize=None)
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    return lavie_fixture_dir(fixtures_dir, (CONFIG, WEIGHTS, IO, BASE_WEIGHTS), "LaVie UNet")
 
 
 def cases(lavie_dir: Path) -> list[int]:
-    """The frame counts F of the fixture set, from its tensor names (`x_f{F}`)."""
-    frames = sorted(int(m.group(1)) for name in _tensors(lavie_dir / IO) if (m := re.fullmatch(r"x_f(\d+)", name)))
-    assert frames, f"no x_f{{F}} tensors in {lavie_dir / IO}"
-    return frames
+    return frame_counts(lavie_dir / IO)
 
 
 def interpolation_config(lavie_dir: Path, checkpoint: Path | None = None, **unet_options):
@@ -98,7 +79,7 @@ def run(unet: torch.nn.Module, io: dict[str, torch.Tensor], frames: int, dtype: 
 
 
 def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, model):
-    weights = _tensors(lavie_dir / WEIGHTS)
+    weights = fixture_tensors(lavie_dir / WEIGHTS)
     state = model.unet.state_dict()
     assert state.keys() == weights.keys()
     for key, value in weights.items():
@@ -108,7 +89,7 @@ def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, m
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_unet_matches_the_official_outputs(lavie_dir, model, dtype):
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         expected = io[f"out_fp64_f{frames}" if dtype == torch.float64 else f"out_fp32_f{frames}"]
         out = run(model.unet, io, frames, dtype)
@@ -119,7 +100,7 @@ def test_unet_matches_the_official_outputs(lavie_dir, model, dtype):
 
 def test_per_frame_group_norms_are_the_negative_control(lavie_dir):
     """Per-frame GroupNorm statistics reproduce the fixture's control, far from the official output."""
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     per_frame = build(lavie_dir, group_norm_over_frames=False)
     for frames in cases(lavie_dir):
         control, official = io[f"out_per_frame_gn_fp64_f{frames}"], io[f"out_fp64_f{frames}"]
@@ -135,9 +116,9 @@ def test_per_frame_group_norms_are_the_negative_control(lavie_dir):
 ], ids=["full-spatial-attention", "temporal-before-feed-forward", "rope"])
 def test_wrong_block_designs_miss_the_official_outputs(lavie_dir, wrong):
     """Same weights, one design choice changed: far outside the parity tolerance on every case."""
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     variant = instantiate(interpolation_config(lavie_dir, **wrong)).eval()
-    missing, unexpected = variant.unet.load_state_dict(_tensors(lavie_dir / WEIGHTS), strict=False)
+    missing, unexpected = variant.unet.load_state_dict(fixture_tensors(lavie_dir / WEIGHTS), strict=False)
     assert not unexpected and all("rotary_emb" in k for k in missing)  # RoPE's frequencies are not learned
     for frames in cases(lavie_dir):
         miss = (run(variant.unet, io, frames, torch.float64) - io[f"out_fp64_f{frames}"]).abs().max()
@@ -146,7 +127,7 @@ def test_wrong_block_designs_miss_the_official_outputs(lavie_dir, wrong):
 
 def test_a_base_stage_checkpoint_is_refused_with_a_clear_error(lavie_dir, tmp_path):
     """lavie_base.pt where lavie_interpolation.pt belongs: the error says which file it is and what to do."""
-    path = write_lavie_checkpoint(tmp_path / "lavie_base.pt", _tensors(lavie_dir / BASE_WEIGHTS))
+    path = write_lavie_checkpoint(tmp_path / "lavie_base.pt", fixture_tensors(lavie_dir / BASE_WEIGHTS))
     model = instantiate(interpolation_config(lavie_dir))
     with pytest.raises(CheckpointKeyError) as excinfo:
         model.load_pretrained(checkpoint=path)
@@ -158,7 +139,7 @@ def test_a_base_stage_checkpoint_is_refused_with_a_clear_error(lavie_dir, tmp_pa
 def test_training_starts_from_a_base_stage_unet(lavie_dir, tmp_path):
     """`pretrained.init_from_base`: every base weight (temporal projections too), no RoPE or bias table, and the
     conditioning inputs of conv_in at zero."""
-    base = _tensors(lavie_dir / BASE_WEIGHTS)
+    base = fixture_tensors(lavie_dir / BASE_WEIGHTS)
     path = write_lavie_checkpoint(tmp_path / "lavie_base.pt", base)
     cfg = interpolation_config(lavie_dir)
     cfg.pretrained.init_from_base = str(path)

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from safetensors.torch import load_file
 
 from modules.components.video_unet import config_from_lavie
 from modules.lavie import LaVie
+from tests.lavie_fixtures import DISCRIMINATION, FP32, FP64, fixture_tensors, frame_counts, lavie_fixture_dir
 from tests.sd_layout import TINY_TEXT_ENCODER, TINY_VAE, tiny_lavie_base_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,34 +28,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 CONFIG = "unet_base_tiny_config.json"
 WEIGHTS = "unet_base_tiny_weights.safetensors"
 IO = "unet_base_tiny_io.safetensors"
-# Tolerances suggested by the README: float64 with diffusers' float32 timestep sinusoid and the stored RoPE freqs;
-# float32 against the official float32 run (the largest float32-vs-float64 gap it measured is ~2e-6).
-FP64 = dict(atol=1e-9, rtol=0.0)
-FP32 = dict(atol=1e-4, rtol=1e-4)
-# The negative control must miss the official output by this many times the float32 tolerance (the loosest used),
-# so a per-frame GroupNorm could not pass the parity checks.
-DISCRIMINATION = 100
 
 
 @pytest.fixture(scope="module")
 def lavie_dir(fixtures_dir: Path) -> Path:
-    path = fixtures_dir / "lavie"
-    for name in (CONFIG, WEIGHTS, IO):
-        if not (path / name).is_file():
-            pytest.fail(f"LaVie UNet fixture not found: {path / name}")
-    return path
-
-
-@lru_cache(maxsize=None)
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    return lavie_fixture_dir(fixtures_dir, (CONFIG, WEIGHTS, IO), "LaVie UNet")
 
 
 def cases(lavie_dir: Path) -> list[int]:
-    """The frame counts F of the fixture set, from its tensor names (`x_f{F}`)."""
-    frames = sorted(int(m.group(1)) for name in _tensors(lavie_dir / IO) if (m := re.fullmatch(r"x_f(\d+)", name)))
-    assert frames, f"no x_f{{F}} tensors in {lavie_dir / IO}"
-    return frames
+    return frame_counts(lavie_dir / IO)
 
 
 def build_lavie(lavie_dir: Path, **unet_options) -> LaVie:
@@ -95,7 +74,7 @@ def run(unet: torch.nn.Module, io: dict[str, torch.Tensor], frames: int, dtype: 
 
 
 def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, model):
-    weights = _tensors(lavie_dir / WEIGHTS)
+    weights = fixture_tensors(lavie_dir / WEIGHTS)
     state = model.unet.state_dict()
     assert state.keys() == weights.keys()
     for key, value in weights.items():
@@ -104,7 +83,7 @@ def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, m
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_unet_matches_the_official_outputs(lavie_dir, model, dtype):
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         expected = io[f"out_fp64_f{frames}" if dtype == torch.float64 else f"out_fp32_f{frames}"]
         out = run(model.unet, io, frames, dtype)
@@ -116,7 +95,7 @@ def test_unet_matches_the_official_outputs(lavie_dir, model, dtype):
 def test_per_frame_group_norms_are_the_negative_control(lavie_dir, per_frame_model):
     """Per-frame GroupNorm statistics reproduce the control and miss the official output far outside the parity
     tolerances: the parity test above would fail if the ResNet norms were per frame."""
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         control, official = io[f"out_per_frame_gn_fp64_f{frames}"], io[f"out_fp64_f{frames}"]
         assert (control - official).abs().max() > DISCRIMINATION * FP32["atol"]
@@ -129,7 +108,7 @@ def test_per_frame_group_norms_are_the_negative_control(lavie_dir, per_frame_mod
 def test_appended_images_change_neither_the_video_nor_each_other(lavie_dir, model):
     """Joint training appends images after the video's frames: the video's output stays the official one, and an
     image's output does not depend on the video beside it (each image is normalised on its own)."""
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     frames = cases(lavie_dir)[0]
     unet = copy.deepcopy(model.unet).double()
     x, context = io[f"x_f{frames}"].double(), io[f"encoder_hidden_states_f{frames}"].double()

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from modules.components.vsr_unet import config_from_lavie_vsr
 from modules.lavie_vsr import LaVieVSR
+from tests.lavie_fixtures import DISCRIMINATION, FP32, FP64, fixture_tensors, frame_counts, lavie_fixture_dir
 from tests.sd_layout import CONFIGS, TINY_TEXT_ENCODER, TINY_VAE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,29 +30,15 @@ CONFIG = "unet_vsr_tiny_config.json"
 WEIGHTS = "unet_vsr_tiny_weights.safetensors"
 IO = "unet_vsr_tiny_io.safetensors"
 KEYS = "keys_vsr.json"
-FP64 = dict(atol=1e-9, rtol=0.0)
-FP32 = dict(atol=1e-4, rtol=1e-4)
-DISCRIMINATION = 100  # the negative control must miss the official output by this many float32 tolerances
 
 
 @pytest.fixture(scope="module")
 def lavie_dir(fixtures_dir: Path) -> Path:
-    path = fixtures_dir / "lavie"
-    for name in (CONFIG, WEIGHTS, IO, KEYS):
-        if not (path / name).is_file():
-            pytest.fail(f"LaVie VSR fixture not found: {path / name}")
-    return path
-
-
-@lru_cache(maxsize=None)
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    return lavie_fixture_dir(fixtures_dir, (CONFIG, WEIGHTS, IO, KEYS), "LaVie VSR")
 
 
 def cases(lavie_dir: Path) -> list[int]:
-    frames = sorted(int(m.group(1)) for name in _tensors(lavie_dir / IO) if (m := re.fullmatch(r"x_f(\d+)", name)))
-    assert frames, f"no x_f{{F}} tensors in {lavie_dir / IO}"
-    return frames
+    return frame_counts(lavie_dir / IO)
 
 
 def build_vsr(lavie_dir: Path, **unet_options) -> LaVieVSR:
@@ -86,7 +70,7 @@ def run(unet: torch.nn.Module, io: dict[str, torch.Tensor], frames: int, dtype: 
 
 
 def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, model):
-    weights = _tensors(lavie_dir / WEIGHTS)
+    weights = fixture_tensors(lavie_dir / WEIGHTS)
     state = model.unet.state_dict()
     assert state.keys() == weights.keys()
     for key, value in weights.items():
@@ -95,7 +79,7 @@ def test_official_weights_load_strictly_through_the_checkpoint_path(lavie_dir, m
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_vsr_unet_matches_the_official_outputs(lavie_dir, model, dtype):
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         expected = io[f"out_fp64_f{frames}" if dtype == torch.float64 else f"out_fp32_f{frames}"]
         out = run(model.unet, io, frames, dtype)
@@ -108,7 +92,7 @@ def test_per_frame_group_norms_are_the_negative_control(lavie_dir):
     """Per-frame GroupNorm statistics everywhere (ResNets, output norm and the temporal blocks) reproduce the
     control and miss the official output far outside the parity tolerances."""
     per_frame = build_vsr(lavie_dir, group_norm_over_frames=False)
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         control, official = io[f"out_per_frame_gn_fp64_f{frames}"], io[f"out_fp64_f{frames}"]
         assert (control - official).abs().max() > DISCRIMINATION * FP32["atol"]
@@ -124,7 +108,7 @@ def test_the_temporal_layers_matter(lavie_dir, model):
     for module in [*unet.down_temporal_blocks, unet.mid_temporal_block, *unet.up_temporal_blocks]:
         torch.nn.init.zeros_(module.shift_conv.weight)
         torch.nn.init.zeros_(module.shift_conv.bias)
-    io = _tensors(lavie_dir / IO)
+    io = fixture_tensors(lavie_dir / IO)
     for frames in cases(lavie_dir):
         out = run(unet, io, frames, torch.float64)
         assert (out - io[f"out_fp64_f{frames}"]).abs().max() > DISCRIMINATION * FP32["atol"]
