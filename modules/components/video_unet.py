@@ -11,6 +11,11 @@ block, the official LaVie temporal keys `norm_temp.*`, `attn_temp.*`.
 `conditioning_channels` widens `conv_in` for inputs concatenated after the noisy sample (LaVie's interpolation stage:
 the key frames' latents copied to the positions of the frames between them); the new input channels start at zero
 when 2D or lower-stage weights are loaded, so the UNet starts as the one it was initialised from.
+
+The same mechanism inflates VidRD's UNet (SD 2.1-base; `VIDRD_UNET_OPTIONS`, `config_from_vidrd`): Temp-Conv
+(`modules/components/temporal_conv.py`) after every ResNet, kept beside the ResNets as `temp_convs.n` (the official
+keys), and Temp-Attn in each transformer block under the official names `temp_norm`, `temp_attn`, with the official
+sinusoidal frame embedding added to the residual stream; its spatial ResNets run per frame (docs/vidrd.md).
 """
 from __future__ import annotations
 
@@ -29,9 +34,13 @@ from torch import nn
 
 from modules.components.checkpoints import find_weight_file, load_state_dict_checked, read_state_dict
 from modules.components.temporal_attention import TemporalAttention
+from modules.components.temporal_conv import TemporalConvLayer
 from modules.components.video_group_norm import FrameLayout, VideoGroupNorm
 
-TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.")
+# LaVie's temporal keys, then VidRD's (every VidRD temporal key has `temp_` in its name)
+TEMPORAL_KEY_MARKERS = (".attn_temp.", ".norm_temp.", ".temp_attn.", ".temp_norm.", ".temp_convs.")
+# State-dict names of a block's temporal LayerNorm and attention, per `TemporalBlockDesign.temporal_keys`
+TEMPORAL_LAYER_NAMES = {"lavie": ("norm_temp", "attn_temp"), "vidrd": ("temp_norm", "temp_attn")}
 # Constructor arguments of the official `UNet3DConditionModel`s that are not VideoUNet arguments: `use_first_frame`
 # (sparse-causal spatial attention) and `use_relative_position` (no effect on the temporal layers either stage uses;
 # it stays False in both official configs) become `TemporalBlockDesign` options.
@@ -48,12 +57,22 @@ class TemporalBlockDesign:
     temporal_position_bias    T5-style relative-position bias in temporal attention (base: yes; interpolation: no)
     spatial_attention         "full": each frame attends to its own tokens; "sparse_causal": to the tokens of frame 0
                               and frame i-1 (LaVie interpolation's `SparseCausalAttention`, Tune-A-Video's)
+    temporal_keys             state-dict names of the temporal LayerNorm and attention: "lavie" (`norm_temp`,
+                              `attn_temp`) or "vidrd" (`temp_norm`, `temp_attn`)
+    residual_frame_embedding  VidRD's `add_temp_embed`: the sinusoidal embedding of each frame's index is added to the
+                              residual stream before the temporal sub-block (so it reaches the temporal attention's
+                              input and everything after it), x = h + pe; out = x + attn(norm(x))
+    attend_single_frame       a one-frame video still goes through temporal attention (LaVie). False: it skips it
+                              (VidRD's official block: `identity + 0 * temporal`), keeping its frame embedding
     """
 
     temporal_attention_after: str = "cross_attention"
     temporal_rope: bool = True
     temporal_position_bias: bool = True
     spatial_attention: str = "full"
+    temporal_keys: str = "lavie"
+    residual_frame_embedding: bool = False
+    attend_single_frame: bool = True
 
     def __post_init__(self) -> None:
         if self.temporal_attention_after not in ("cross_attention", "feed_forward"):
@@ -61,6 +80,8 @@ class TemporalBlockDesign:
                              f"got {self.temporal_attention_after!r}")
         if self.spatial_attention not in ("full", "sparse_causal"):
             raise ValueError(f"spatial_attention must be full or sparse_causal, got {self.spatial_attention!r}")
+        if self.temporal_keys not in TEMPORAL_LAYER_NAMES:
+            raise ValueError(f"temporal_keys must be one of {sorted(TEMPORAL_LAYER_NAMES)}, got {self.temporal_keys!r}")
 
 
 LAVIE_BASE_DESIGN = TemporalBlockDesign()
@@ -68,6 +89,26 @@ LAVIE_INTERPOLATION_DESIGN = TemporalBlockDesign(
     temporal_attention_after="feed_forward", temporal_rope=False, temporal_position_bias=False,
     spatial_attention="sparse_causal",
 )
+# VidRD (ReuseAndDiffuse `BasicTransformerBlock(add_temp_attn=True, add_temp_embed=True)`): self-, cross-, temporal
+# attention, feed-forward; a plain attention over frames (no RoPE, no bias table) after the frame embedding.
+VIDRD_DESIGN = TemporalBlockDesign(
+    temporal_rope=False, temporal_position_bias=False, temporal_keys="vidrd", residual_frame_embedding=True,
+    attend_single_frame=False,
+)
+# The VideoUNet arguments that, added to an SD 2.1 UNet config, make VidRD's video UNet: the block design above,
+# Temp-Conv (4 layers, dropout 0.1) after every ResNet, spatial ResNets per frame (the official UNet3D runs its 2D
+# ResNets on frames folded into the batch; only the Temp-Conv GroupNorms pool over frames).
+VIDRD_UNET_OPTIONS = dict(
+    temporal_attention_after=VIDRD_DESIGN.temporal_attention_after, temporal_rope=VIDRD_DESIGN.temporal_rope,
+    temporal_position_bias=VIDRD_DESIGN.temporal_position_bias, spatial_attention=VIDRD_DESIGN.spatial_attention,
+    temporal_keys=VIDRD_DESIGN.temporal_keys, residual_frame_embedding=VIDRD_DESIGN.residual_frame_embedding,
+    attend_single_frame=VIDRD_DESIGN.attend_single_frame,
+    group_norm_over_frames=False, temporal_conv_layers=4, temporal_conv_dropout=0.1,
+)
+# The official `UNet3DConditionModel` flags (ReuseAndDiffuse `model/modules/unet.py`) and the values VIDRD_UNET_OPTIONS
+# implements; `config_from_vidrd` refuses others.
+VIDRD_OFFICIAL_FLAGS = dict(add_temp_transformer=False, add_temp_attn_only_on_upblocks=False,
+                            prepend_first_frame=False, add_temp_embed=True, add_temp_conv=True, add_temp_attn=True)
 
 
 def config_from_lavie(config: dict, stage: str = "base") -> dict:
@@ -97,6 +138,23 @@ def config_from_lavie(config: dict, stage: str = "base") -> dict:
             in_channels=config["out_channels"], conditioning_channels=config["in_channels"] - config["out_channels"],
         )
     return arguments
+
+
+def config_from_vidrd(config: Mapping) -> dict:
+    """VideoUNet arguments for VidRD's video UNet from an SD 2.1 UNet config (diffusers' `unet/config.json`) or the
+    official UNet3D config (the same, its block names in 3D and its `add_temp_*` flags, which must be the released
+    model's: `VIDRD_OFFICIAL_FLAGS`)."""
+    arguments = {k: v for k, v in config.items() if not k.startswith("_") and k not in VIDRD_OFFICIAL_FLAGS}
+    unsupported = {k: config[k] for k, v in VIDRD_OFFICIAL_FLAGS.items() if k in config and config[k] != v}
+    if unsupported:
+        raise ValueError(f"VidRD UNet flags {unsupported} are not supported; the released model uses "
+                         f"{ {k: VIDRD_OFFICIAL_FLAGS[k] for k in unsupported} }")
+    for key in ("down_block_types", "up_block_types"):
+        if key in arguments:
+            arguments[key] = [name.replace("3D", "2D") for name in arguments[key]]
+    if "mid_block_type" in arguments:
+        arguments["mid_block_type"] = arguments["mid_block_type"].replace("3D", "2D")
+    return {**arguments, **VIDRD_UNET_OPTIONS}
 
 
 def sparse_causal_context(hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
@@ -148,9 +206,11 @@ def coordinate_grid(sample: torch.Tensor, video_frames: int) -> torch.Tensor:
 
 
 class SpatioTemporalBlock(nn.Module):
-    """LaVie's ST-Transformer block. Adopts the spatial sub-modules of a diffusers `BasicTransformerBlock`
-    (same names, same weights) and adds `norm_temp` + `attn_temp`, placed and built as `design` says (LaVie base:
-    between cross-attention and feed-forward, with RoPE and the relative-position bias).
+    """LaVie's ST-Transformer block (and VidRD's). Adopts the spatial sub-modules of a diffusers
+    `BasicTransformerBlock` (same names, same weights) and adds a temporal LayerNorm + attention (`norm_temp` +
+    `attn_temp` in LaVie, `temp_norm` + `temp_attn` in VidRD), placed and built as `design` says (LaVie base:
+    between cross-attention and feed-forward, with RoPE and the relative-position bias; VidRD: same place, plain
+    attention after its residual frame embedding).
 
     Hidden states arrive as ((B F), HW, C); the number of frames comes through `cross_attention_kwargs`, which
     diffusers hands to every transformer block: `video_frames` frames take part in temporal attention, the
@@ -168,12 +228,25 @@ class SpatioTemporalBlock(nn.Module):
         self.norm2, self.attn2 = spatial.norm2, spatial.attn2
         self.norm3, self.ff = spatial.norm3, spatial.ff
         dim, heads = spatial.attn1.query_dim, spatial.attn1.heads
-        self.norm_temp = nn.LayerNorm(dim)
-        self.attn_temp = TemporalAttention(dim, heads, rotary_dim=rotary_dim if design.temporal_rope else 0,
-                                           relative_position_bias=design.temporal_position_bias)
-        # Zero output projection: at initialisation the block (and the UNet) equals its 2D version per frame.
-        nn.init.zeros_(self.attn_temp.to_out[0].weight)
-        nn.init.zeros_(self.attn_temp.to_out[0].bias)
+        self._temporal_names = TEMPORAL_LAYER_NAMES[design.temporal_keys]
+        attention = TemporalAttention(dim, heads, rotary_dim=rotary_dim if design.temporal_rope else 0,
+                                      relative_position_bias=design.temporal_position_bias)
+        # Zero output projection: at initialisation the temporal attention adds nothing (the block is its 2D
+        # version per frame, plus VidRD's frame embedding where the design has it).
+        nn.init.zeros_(attention.to_out[0].weight)
+        nn.init.zeros_(attention.to_out[0].bias)
+        self.add_module(self._temporal_names[0], nn.LayerNorm(dim))
+        self.add_module(self._temporal_names[1], attention)
+
+    @property
+    def temporal_norm(self) -> nn.LayerNorm:
+        """The temporal LayerNorm, whatever its state-dict name (`norm_temp` or `temp_norm`)."""
+        return getattr(self, self._temporal_names[0])
+
+    @property
+    def temporal_attention(self) -> TemporalAttention:
+        """The temporal attention, whatever its state-dict name (`attn_temp` or `temp_attn`)."""
+        return getattr(self, self._temporal_names[1])
 
     def forward(
         self,
@@ -202,20 +275,26 @@ class SpatioTemporalBlock(nn.Module):
         ) + hidden_states
 
         if self.design.temporal_attention_after == "cross_attention":
-            hidden_states = self._temporal(hidden_states, video_frames, total_frames)
+            hidden_states = self.temporal_residual(hidden_states, video_frames, total_frames)
             return self.ff(self.norm3(hidden_states)) + hidden_states
         hidden_states = self.ff(self.norm3(hidden_states)) + hidden_states
-        return self._temporal(hidden_states, video_frames, total_frames)
+        return self.temporal_residual(hidden_states, video_frames, total_frames)
 
-    def _temporal(self, hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
-        """The temporal residual sub-block: x + attn_temp(norm_temp(x)) over the video frames of each token."""
+    def temporal_residual(self, hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
+        """The temporal residual sub-block over the video frames of each token, ((B F), D, C) in and out:
+        x + attn(norm(x)), with x = h + pe(frame) where the design adds the frame embedding to the residual stream
+        (VidRD). Appended image frames (after `video_frames`) pass unchanged."""
         tokens = hidden_states.shape[1]
         x = rearrange(hidden_states, "(b f) d c -> (b d) f c", f=total_frames)
         video, images = x[:, :video_frames], x[:, video_frames:]
-        normed = self.norm_temp(video)
-        if self.frame_positions:
-            normed = normed + frame_position_encoding(video_frames, normed.shape[-1], normed.device, normed.dtype)
-        video = video + self.attn_temp(normed)
+        if self.design.residual_frame_embedding:
+            # computed in float32, then cast, as the official get_sin_pos_embedding
+            video = video + frame_position_encoding(video_frames, video.shape[-1], video.device, video.dtype)
+        if video_frames > 1 or self.design.attend_single_frame:
+            normed = self.temporal_norm(video)
+            if self.frame_positions:
+                normed = normed + frame_position_encoding(video_frames, normed.shape[-1], normed.device, normed.dtype)
+            video = video + self.temporal_attention(normed)
         x = torch.cat([video, images], dim=1)
         return rearrange(x, "(b d) f c -> (b f) d c", d=tokens)
 
@@ -237,9 +316,15 @@ class VideoUNet(UNet2DConditionModel):
     def __init__(self, *args, group_norm_over_frames: bool = True, frame_positions: bool = False,
                  coordinate_channels: bool = False, frame_embedding: bool = False, conditioning_channels: int = 0,
                  temporal_attention_after: str = "cross_attention", temporal_rope: bool = True,
-                 temporal_position_bias: bool = True, spatial_attention: str = "full", **kwargs):
+                 temporal_position_bias: bool = True, spatial_attention: str = "full", temporal_keys: str = "lavie",
+                 residual_frame_embedding: bool = False, attend_single_frame: bool = True,
+                 temporal_conv_layers: int = 0, temporal_conv_dropout: float = 0.1, **kwargs):
         """The block design (`temporal_attention_after`, `temporal_rope`, `temporal_position_bias`,
-        `spatial_attention`; defaults: LaVie base) is a `TemporalBlockDesign`, shared by every transformer block.
+        `spatial_attention`, `temporal_keys`, `residual_frame_embedding`, `attend_single_frame`; defaults: LaVie
+        base) is a `TemporalBlockDesign`, shared by every transformer block. `VIDRD_UNET_OPTIONS` gives VidRD's.
+
+        `temporal_conv_layers=L` puts a Temp-Conv of L layers (VidRD: 4, dropout `temporal_conv_dropout` 0.1) after
+        every ResNet of every down, mid and up block (`temporal_conv.py`); 0 (LaVie) puts none.
 
         `conditioning_channels=N` widens `conv_in` by N input channels for a `conditioning` tensor that `forward`
         concatenates after the sample (LaVie interpolation: N = 4, the copied key-frame latents). `in_channels`
@@ -260,7 +345,8 @@ class VideoUNet(UNet2DConditionModel):
             kwargs["class_embed_type"] = "timestep"
         super().__init__(*args, **kwargs)
         self.design = TemporalBlockDesign(temporal_attention_after, temporal_rope, temporal_position_bias,
-                                          spatial_attention)
+                                          spatial_attention, temporal_keys, residual_frame_embedding,
+                                          attend_single_frame)
         self.conditioning_channels = int(conditioning_channels)
         if self.conditioning_channels:
             self._widen_conv_in(self.conditioning_channels)
@@ -292,6 +378,25 @@ class VideoUNet(UNet2DConditionModel):
             for i, block in enumerate(blocks):
                 if isinstance(block, BasicTransformerBlock):
                     blocks[i] = self._temporal_block(block)
+        if temporal_conv_layers < 0:
+            raise ValueError(f"temporal_conv_layers must be >= 0, got {temporal_conv_layers}")
+        if temporal_conv_layers:
+            self._add_temporal_convs(int(temporal_conv_layers), float(temporal_conv_dropout))
+
+    def _add_temporal_convs(self, layers: int, dropout: float) -> None:
+        """VidRD's Temp-Conv after every ResNet: each down, mid and up block gets `temp_convs`, one per ResNet,
+        beside its `resnets` (the official keys, e.g. `mid_block.temp_convs.1`), and each ResNet's output goes
+        through its Temp-Conv by a forward hook, since diffusers' 2D blocks call their ResNets themselves. So the
+        order is the official one: ResNet, Temp-Conv, then the block's attention or the next ResNet."""
+        blocks = [*self.down_blocks, *([self.mid_block] if self.mid_block is not None else []), *self.up_blocks]
+        groups = self.config.norm_num_groups
+        for block in blocks:
+            block.temp_convs = nn.ModuleList(
+                TemporalConvLayer(resnet.out_channels, self.frame_layout, layers, groups=groups, dropout=dropout)
+                for resnet in block.resnets
+            )
+            for resnet, temp_conv in zip(block.resnets, block.temp_convs):
+                resnet.register_forward_hook(temp_conv.after_resnet)
 
     def _temporal_block(self, block: BasicTransformerBlock) -> nn.Module:
         """The spatio-temporal block that replaces one of diffusers' transformer blocks (a UNet of another design,
