@@ -158,7 +158,9 @@ class LaVie(VideoGenerator):
             0, self.train_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
         )
         noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
-        pred = self.unet(noisy, timesteps, context, num_image_frames=num_images)
+        conditioning = self.training_conditioning(latents, num_images, generator)
+        extra = {} if conditioning is None else {"conditioning": conditioning}
+        pred = self.unet(noisy, timesteps, context, num_image_frames=num_images, **extra)
         target = self.prediction_target(latents, noise, timesteps)
 
         video_frames = latents.shape[2] - num_images
@@ -169,6 +171,12 @@ class LaVie(VideoGenerator):
             loss = loss + self.image_loss_weight * losses["loss_image"]
         losses["loss"] = loss
         return losses
+
+    def training_conditioning(self, latents: torch.Tensor, num_images: int,
+                              generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """What conv_in's conditioning channels see for clean `latents` [B, c, T+M, h, w] (M appended images):
+        nothing for the base model; the first frame for the long-video stage (modules/lavie_long.py)."""
+        return None
 
     def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet learns to predict: the noise (LaVie), the velocity, or the clean sample, per the schedule's
