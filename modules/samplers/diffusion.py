@@ -22,6 +22,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # progress(done, total): called after each of the `total` denoising steps (modules.base.ProgressHook)
 Progress = Callable[[int, int], None]
+# latents_hook(step index, latents) -> the latents the denoiser gets at that step (and the step then updates); lets a
+# sampler edit the running latents inside the shared loop (VidRD's staged guidance, modules/samplers/vidrd_iterative.py)
+LatentsHook = Callable[[int, torch.Tensor], torch.Tensor]
 Scheduler = DDPMScheduler | DDIMScheduler
 # one generator for the whole batch, or one per sample (its noise then does not depend on the rest of the batch)
 Generators = torch.Generator | list[torch.Generator] | None
@@ -66,12 +69,14 @@ def guided_denoise(
     eta: float = 0.0,
     generator: Generators = None,
     progress: Progress | None = None,
+    latents_hook: LatentsHook | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` into a clean sample, guided by `cond` and, when guidance_scale != 1, `uncond`.
 
     eps = eps_u + s * (eps_c - eps_u), the two predictions from one doubled batch. `generator` draws the step noise
     of ancestral sampling (DDPM, or DDIM with eta > 0). `progress(done, total)`, when given, is called after every
-    step (the callers' progress bars count steps).
+    step (the callers' progress bars count steps). `latents_hook(i, x)`, when given, is called before the denoiser at
+    step i with the running latents and returns those to use instead (None: the loop is unchanged).
     """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     options = step_options(scheduler, eta)
@@ -80,6 +85,8 @@ def guided_denoise(
     x = noise * scheduler.init_noise_sigma
     steps = scheduler.timesteps
     for i, t in enumerate(steps):
+        if latents_hook is not None:
+            x = latents_hook(i, x)
         model_in = torch.cat([x, x]) if guided else x
         eps = denoiser(scheduler.scale_model_input(model_in, t), t, context)
         if guided:
