@@ -154,7 +154,8 @@ def config_from_vidrd(config: Mapping) -> dict:
             arguments[key] = [name.replace("3D", "2D") for name in arguments[key]]
     if "mid_block_type" in arguments:
         arguments["mid_block_type"] = arguments["mid_block_type"].replace("3D", "2D")
-    return {**arguments, **VIDRD_UNET_OPTIONS}
+    # VideoUNet options already in `config` (an ablation such as temporal_conv_layers=0) take precedence
+    return {**VIDRD_UNET_OPTIONS, **arguments}
 
 
 def sparse_causal_context(hidden_states: torch.Tensor, video_frames: int, total_frames: int) -> torch.Tensor:
@@ -505,3 +506,9 @@ class VideoUNet(UNet2DConditionModel):
             frame_index = (labels.expand(batch) if labels.ndim == 0 else labels).repeat_interleave(frames)
         out = super().forward(x, timestep, context, class_labels=frame_index, cross_attention_kwargs=frame_info).sample
         return rearrange(out, "(b f) c h w -> b c f h w", b=batch)
+
+
+def vidrd_video_unet(**config) -> VideoUNet:
+    """VidRD's video UNet from SD 2.1 UNet arguments (diffusers' `unet/config.json` keys, or the official UNet3D
+    config): `VideoUNet(**config_from_vidrd(config))`, the target of `configs/model/vidrd_unet/*.yaml`."""
+    return VideoUNet(**config_from_vidrd(config))
