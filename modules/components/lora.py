@@ -103,8 +103,9 @@ def lora_state_dict(unet: VideoUNet) -> dict[str, torch.Tensor]:
 
 
 def lora_config_dict(unet: VideoUNet) -> dict[str, Any]:
+    """The adapter's LoraConfig as plain JSON values (no peft enums: a checkpoint holding it loads weights_only)."""
     config = unet.peft_config[ADAPTER_NAME].to_dict()
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return json.loads(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}))
 
 
 def save_lora(unet: VideoUNet, path: str | Path) -> Path:
