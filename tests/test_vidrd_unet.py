@@ -215,3 +215,23 @@ def test_config_from_vidrd_maps_the_official_3d_config_and_refuses_other_flags()
         VideoUNet(**{**arguments, "temporal_keys": "animatediff"})
     with pytest.raises(ValueError, match="temporal_conv_layers"):
         VideoUNet(**{**arguments, "temporal_conv_layers": -1})
+
+
+def test_a_deep_copy_hooks_its_own_temporal_convs():
+    """EMA and checkpoint callbacks deep-copy the UNet: the copy's ResNets must run the copy's Temp-Convs, which
+    read the copy's frame layout."""
+    import copy
+
+    video = build("tiny")
+    twin = copy.deepcopy(video)
+    for block in [*twin.down_blocks, twin.mid_block, *twin.up_blocks]:
+        for resnet, temp_conv in zip(block.resnets, block.temp_convs):
+            hooked = [h.__self__ for h in resnet._forward_hooks.values()]
+            assert hooked == [temp_conv]
+            assert temp_conv.layout is twin.frame_layout
+    randomize_temporal(twin)
+    sample, text = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        before = video(sample, 10, text)
+        twin(sample, 10, text)
+        assert torch.equal(video(sample, 10, text), before)
