@@ -58,6 +58,19 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def weights_record(model_cfg: DictConfig) -> dict:
+    """The weight files a model config names: its `pretrained` paths and, for a model made of stages (each a model
+    config node with a `_target_`, e.g. model=lavie_cascade), each stage's `ckpt_path` and `pretrained` paths."""
+    record = {"pretrained": OmegaConf.to_container(model_cfg.get("pretrained") or OmegaConf.create(), resolve=True)}
+    stages = {name: {"checkpoint": node.get("ckpt_path"),
+                     "pretrained": OmegaConf.to_container(node.get("pretrained") or OmegaConf.create(), resolve=True)}
+              for name, node in model_cfg.items()
+              if isinstance(node, DictConfig) and "_target_" in node}
+    if stages:
+        record["stages"] = stages
+    return record
+
+
 def sample(cfg: DictConfig) -> Path:
     prompts = read_prompts(cfg)
     if cfg.num_seeds < 1 or cfg.batch_size < 1:
@@ -76,7 +89,7 @@ def sample(cfg: DictConfig) -> Path:
     record = {
         "model": cfg.model._target_,
         "checkpoint": cfg.get("ckpt_path"),
-        "pretrained": OmegaConf.to_container(cfg.model.get("pretrained") or {}, resolve=True),
+        **weights_record(cfg.model),
         "num_frames": cfg.num_frames,  # as asked; each video's entry records the frames it has
         "sampler": model.sampler_settings(),
         "fps": model.fps,
