@@ -59,13 +59,13 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def weights_record(model_cfg: DictConfig) -> dict:
-    """The weight files a model config names: its `pretrained` paths and, for a model made of stages (each a model
-    config node with a `_target_`, e.g. model=lavie_cascade), each stage's `ckpt_path` and `pretrained` paths."""
+    """The weight files a model config names: its `pretrained` paths and, for a model made of stages (model nodes with
+    a `_target_` and a `ckpt_path`, e.g. model=lavie_cascade), each stage's `ckpt_path` and `pretrained` paths."""
     record = {"pretrained": OmegaConf.to_container(model_cfg.get("pretrained") or OmegaConf.create(), resolve=True)}
     stages = {name: {"checkpoint": node.get("ckpt_path"),
                      "pretrained": OmegaConf.to_container(node.get("pretrained") or OmegaConf.create(), resolve=True)}
               for name, node in model_cfg.items()
-              if isinstance(node, DictConfig) and "_target_" in node}
+              if isinstance(node, DictConfig) and "_target_" in node and "ckpt_path" in node}
     if stages:
         record["stages"] = stages
     return record

@@ -225,3 +225,12 @@ def test_paper_size_cascade_builds_on_the_meta_device_with_the_official_layouts(
     assert (settings["base"]["height"], settings["base"]["width"]) == (320, 512)
     assert (settings["interpolation"]["height"], settings["interpolation"]["width"]) == (320, 512)
     assert cascade.super_resolution.scale == 4 and cascade.fps == 24  # 61 frames at 1280x2048
+
+
+def test_sample_records_stages_only_for_a_model_made_of_stages(tmp_path):
+    from sample import weights_record
+
+    model = compose_config("sample", ["experiment=tiny_lavie"], tmp_path).model  # its unet, text_encoder, ... are
+    assert weights_record(model) == {"pretrained": OmegaConf.to_container(model.pretrained)}  # not stages
+    stages = weights_record(compose_config("sample", ["model=lavie_cascade_tiny"], tmp_path).model)["stages"]
+    assert list(stages) == list(STAGES) and all(s["checkpoint"] is None for s in stages.values())
