@@ -215,3 +215,26 @@ def test_temporal_attention_after_feed_forward_misses_the_block_fixture(vidrd_di
     block, io, _ = whole_block(vidrd_dir, torch.float32, replace(VIDRD_DESIGN, temporal_attention_after="feed_forward"))
     miss = (run_block(block, io, torch.float32) - io["out"]).abs().max().item()
     assert miss > DISCRIMINATION * FP32["atol"], miss
+
+
+def test_temporal_conv_in_the_unet_layout_matches_the_official_layer(vidrd_dir):
+    """The hook the UNet runs after a ResNet (`after_resnet`) takes ((B F), C, H, W) rows, frames fastest: fed the
+    fixture's input in that layout it gives the official output; appended image frames pass unchanged."""
+    from modules.components.video_group_norm import FrameLayout
+
+    weights, io, _ = fixture_set(vidrd_dir, "temporal_conv_unet")
+    layer = temporal_conv(weights, torch.float32)
+    x, frames = io["x"], io["x"].shape[2]
+    layer.layout = FrameLayout()
+    layer.layout.set(frames, frames)
+    with torch.no_grad():
+        out = layer.after_resnet(None, (), rearrange(x, "b c f h w -> (b f) c h w"))
+    torch.testing.assert_close(rearrange(out, "(b f) c h w -> b c f h w", f=frames), io["out"], **FP32)
+
+    images = torch.randn(x.shape[0], x.shape[1], 2, *x.shape[3:])
+    layer.layout.set(frames, frames + 2)
+    with torch.no_grad():
+        out = layer.after_resnet(None, (), rearrange(torch.cat([x, images], 2), "b c f h w -> (b f) c h w"))
+    out = rearrange(out, "(b f) c h w -> b c f h w", f=frames + 2)
+    torch.testing.assert_close(out[:, :, :frames], io["out"], **FP32)
+    assert torch.equal(out[:, :, frames:], images)
