@@ -39,17 +39,23 @@ def temporal_conv(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> Tempo
     return layer.to(dtype).eval()
 
 
+# The UNet's (4 layers) and the VAE decoder's (3 layers): one TemporalConvLayer with num_layers
+TEMPORAL_CONVS = pytest.mark.parametrize("stem", ["temporal_conv_unet", "temporal_conv_vae"], ids=["unet", "vae"])
+
+
+@TEMPORAL_CONVS
 @DTYPES
-def test_temporal_conv_matches_the_official_layer(vidrd_dir, dtype):
-    weights, io, out64 = fixture_set(vidrd_dir, "temporal_conv_unet")
+def test_temporal_conv_matches_the_official_layer(vidrd_dir, dtype, stem):
+    weights, io, out64 = fixture_set(vidrd_dir, stem)
     layer = temporal_conv(weights, dtype)
     with torch.no_grad():
         out = layer(io["x"].to(dtype))
     torch.testing.assert_close(out, expected(io, out64, "out", dtype), **TOLERANCE[dtype])
 
 
-def test_temporal_conv_passes_a_single_frame_unchanged(vidrd_dir):
-    weights, io, _ = fixture_set(vidrd_dir, "temporal_conv_unet")
+@TEMPORAL_CONVS
+def test_temporal_conv_passes_a_single_frame_unchanged(vidrd_dir, stem):
+    weights, io, _ = fixture_set(vidrd_dir, stem)
     with torch.no_grad():
         out = temporal_conv(weights, torch.float32)(io["x_f1"])
     assert torch.equal(out, io["out_f1"])
