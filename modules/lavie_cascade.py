@@ -120,15 +120,19 @@ class LaVieCascade(VideoGenerator):
                 load_training_checkpoint(getattr(self, name), path)
 
     # ------------------------------------------------------------------ training
+    NOT_TRAINED = ("the cascade does not train: train each stage on its own (e.g. experiment=tiny_lavie, "
+                   "tiny_lavie_interpolation, tiny_lavie_vsr) and give their checkpoints to model=lavie_cascade as "
+                   "model.base.ckpt_path, model.interpolation.ckpt_path and model.super_resolution.ckpt_path")
+
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            raise ValueError("the cascade does not train: train each stage on its own (e.g. experiment=tiny_lavie, "
-                             "tiny_lavie_interpolation, tiny_lavie_vsr) and give their checkpoints to "
-                             "model=lavie_cascade as model.base.ckpt_path, model.interpolation.ckpt_path and "
-                             "model.super_resolution.ckpt_path")
+        if stage == "fit":  # train.py stops here, before the first step
+            raise ValueError(self.NOT_TRAINED)
+
+    def configure_optimizers(self) -> Any:  # defined so that Lightning reaches setup() and its message
+        raise ValueError(self.NOT_TRAINED)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        raise ValueError("the cascade does not train: train each stage on its own")
+        raise ValueError(self.NOT_TRAINED)
 
     # ------------------------------------------------------------------ sampling
     def key_frames(self, num_frames: int | None) -> int:
