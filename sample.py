@@ -77,6 +77,11 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError("num_seeds and batch_size must be at least 1")
     if cfg.num_frames is not None:
         check_num_frames(cfg.num_frames)  # before a paper-size model is built
+    stage = cfg.model.get("super_resolution")
+    if cfg.get("super_resolution") and isinstance(stage, DictConfig) and "_target_" in stage:
+        raise ValueError(f"{cfg.model._target_} ends with its own super-resolution stage (model.super_resolution): "
+                         "drop super_resolution=, which would upsample its videos once more; set that stage with "
+                         "model.super_resolution.ckpt_path / model.super_resolution.* instead")
     model: VideoGenerator = build_generator(cfg)
     # optional post-process: a super-resolution stage upsamples every video (LaVie's VSR; Loong's paper, too, puts an
     # off-the-shelf super-resolution stage after its generator)

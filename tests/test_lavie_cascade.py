@@ -102,7 +102,8 @@ def test_cascade_equals_the_three_stages_run_by_hand(cascade, stage_runs):
     assert torch.equal(stages["interpolation"], interpolated)
     assert torch.equal(stages["super_resolution"], upsampled)
     # a checkpoint that was not loaded would change the videos (the fixture's weights are not the initial ones)
-    assert not torch.equal(instantiate(stage_model_config("base"), _convert_="all").eval().generate(PROMPTS, seed=seeds), base)
+    unloaded = instantiate(stage_model_config("base"), _convert_="all").eval()
+    assert not torch.equal(unloaded.generate(PROMPTS, seed=seeds), base)
     # the later stages' noise is not a copy of the base stage's
     assert len({seeds[0], stage_seed(seeds[0], 1), stage_seed(seeds[0], 2)}) == 3
 
@@ -178,6 +179,13 @@ def test_a_stage_config_error_names_the_stage_and_its_key(tmp_path):
     with pytest.raises(ValueError, match=r"interpolation stage of the cascade: .*model\.interpolation\.pretrained\."
                                          r"sd_path"):
         LaVieCascade.validate_config(cfg.model)
+
+
+def test_a_second_super_resolution_post_process_is_refused(tmp_path):
+    cfg = compose_config("sample", ["model=lavie_cascade_tiny", "prompts=[a cat]", "super_resolution=lavie_vsr_tiny"],
+                         tmp_path)
+    with pytest.raises(ValueError, match="ends with its own super-resolution stage"):
+        sample(cfg)
 
 
 def test_a_stage_of_the_wrong_kind_is_refused(tmp_path):
