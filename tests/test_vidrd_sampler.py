@@ -208,6 +208,11 @@ def test_prompt_frames_dropped_when_asked():
     dropped = small_video(12, IterativeSettings(keep_prompt_frames=False, **SMALL), [5])
     prompt = IterativeSettings().prompt_frames
     torch.testing.assert_close(dropped[:, :, 8:], kept[:, :, 8 + prompt:], atol=0, rtol=0)
+    # decoded clips (B, N, C, H, W): the first keeps all its frames, a later one loses its prompt frames
+    settings = IterativeSettings(keep_prompt_frames=False)
+    frames = torch.arange(settings.clip_frames).view(1, -1, 1, 1, 1)
+    assert torch.equal(settings.kept_frames(frames, 0, dim=1), frames)
+    assert torch.equal(settings.kept_frames(frames, 1, dim=1).flatten(), torch.arange(prompt, settings.clip_frames))
 
 
 def test_a_video_does_not_depend_on_its_batch():

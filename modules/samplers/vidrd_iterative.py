@@ -72,6 +72,14 @@ class IterativeSettings:
         """Frames each clip after the first adds to the video."""
         return self.clip_frames if self.keep_prompt_frames else self.clip_frames - self.prompt_frames
 
+    def kept_frames(self, clip: torch.Tensor, clip_index: int, dim: int = 2) -> torch.Tensor:
+        """The frames of clip `clip_index` that go into the video: all of them, or without the M prompt frames of
+        a clip after the first when `keep_prompt_frames` is False. `dim` is the frame axis (2 for latents
+        (B, C, N, h, w), 1 for decoded videos (B, N, C, H, W)): decode a whole clip, then keep its frames."""
+        if clip_index == 0 or self.keep_prompt_frames:
+            return clip
+        return clip.narrow(dim, self.prompt_frames, clip.shape[dim] - self.prompt_frames)
+
     def clips_for(self, num_frames: int) -> int:
         """How many clips a video of `num_frames` frames takes."""
         if not (isinstance(num_frames, int) and num_frames >= 1):
@@ -146,8 +154,9 @@ def iterate_clips(
     generator: Generators = None,
     progress: Progress | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Denoise `num_clips` clips one after the other and yield each one's latents (B, C, N, h, w) as it is done
-    (without its M prompt frames after the first clip when `settings.keep_prompt_frames` is False).
+    """Denoise `num_clips` clips one after the other and yield each one's latents (B, C, N, h, w), all N frames,
+    as it is done; `settings.kept_frames(clip, index)` gives the frames that go into the video (decode the whole
+    clip first: a temporal decoder sees the clip's N frames).
 
     `denoiser(x, t, context)` takes the N-frame latents (B, C, N, h, w) as in `guided_denoise`; `cond`/`uncond` are
     the text states (uncond from `settings.negative_prompt`). `progress(done, total)` counts steps over all clips.
@@ -188,7 +197,7 @@ def iterate_clips(
             latents_hook=staged_guidance,
         )
         previous = current
-        yield latents if clip == 0 or settings.keep_prompt_frames else latents[:, :, prompt:]
+        yield latents
 
 
 def sample_long_video(
@@ -215,4 +224,4 @@ def sample_long_video(
         clip_noise = official_clip_noise((cond.shape[0], channels, settings.clip_frames, height, width),
                                          settings.alpha, generator, device=cond.device, dtype=cond.dtype)
     clips = iterate_clips(denoiser, scheduler, cond, uncond, clip_noise, num_clips, settings, generator, progress)
-    return torch.cat(list(clips), dim=2)[:, :, :num_frames]
+    return torch.cat([settings.kept_frames(clip, index) for index, clip in enumerate(clips)], dim=2)[:, :, :num_frames]
