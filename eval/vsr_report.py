@@ -2,6 +2,7 @@
 
     python eval/vsr_report.py logs/train/tiny_lavie_vsr/<time>/checkpoints/last.ckpt
     python eval/vsr_report.py RUN/checkpoints/last.ckpt --num 16 --steps 50 --noise-level 20
+    python eval/vsr_report.py RUN/checkpoints/last.ckpt --num 32 --method posterior_mean
 
 The model is rebuilt from the run's `config.yaml` and its weights read from the checkpoint. `--num` clips of the
 synthetic test split (never trained or validated on) are rendered at the run's clip length and size; each is
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--num", type=int, default=8, help="held-out clips")
+    parser.add_argument("--method", default=None,
+                        help="sampler method: ddim, ddpm or posterior_mean (default: the model's sampler)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's sampler)")
     parser.add_argument("--noise-level", type=int, default=None, help="low-res noise level (default: the sampler's)")
     parser.add_argument("--batch", type=int, default=2)
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_super_resolution(str(args.checkpoint), device="cpu", precision="fp32")
     data = json.loads(json.dumps(_run_data(run)))
     clips = SyntheticVideoDataset(args.num, data["num_frames"], tuple(data["resolution"]), seed=0, split="test")
-    overrides = {k: v for k, v in {"num_inference_steps": args.steps, "noise_level": args.noise_level}.items()
+    overrides = {k: v for k, v in {"method": args.method, "num_inference_steps": args.steps,
+                                        "noise_level": args.noise_level}.items()
                  if v is not None}
 
     truth, low, captions = [], [], []
