@@ -4,6 +4,7 @@ and configs."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,28 @@ def test_paper_size_config_is_the_official_base_layout_with_a_wider_conv_in(fixt
     assert state.pop("conv_in.weight") == (out, inputs + model.autoencoder.latent_channels, *kernel)
     assert state == {k: v for k, v in official.items() if k != "conv_in.weight"}
     assert model.sampler["clip_frames"] == model.sampler["num_frames"] - 2 * (model.sampler["clip_frames"] - 1)
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def test_benchmark_measures_a_clip_count_and_keeps_other_backbones_results(tmp_path, monkeypatch):
+    """benchmarks/long_video.py: one measurement runs (exactly the frames of N clips), and rewriting the results
+    file for one backbone keeps another backbone's entries."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("long_video", CONFIGS.parent / "benchmarks" / "long_video.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "long_video", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    run = bench.one_run("lavie", clips=2, steps=1, device="cpu")
+    assert run["frames"] == bench.BACKBONES["lavie"].frames(2) == 2 * CLIP - 1 and run["peak_growth_mib"] >= 0
+    path = tmp_path / "long_video_cpu.json"
+    other = {"memory_ratio_8_2": 1.5, "time_ratio_8_2": 4.2, "load_average": {"start": [1], "end": [1]},
+             "runs": {"2": {**run, "clips": 2}}, "description": "other", "steps": 1, "command": "c", "wall_s": 1.0,
+             "date": "d", "device_name": "cpu", "torch": "t", "threads": 1, "cpus": 2, "mem_method": "m"}
+    bench.update_results(path, "vidrd", other)
+    bench.update_results(path, "lavie", {**other, "memory_ratio_8_2": 1.0, "description": "lavie"})
+    report = json.loads(path.read_text())
+    assert report["vidrd_memory_ratio_8_2"] == 1.5 and report["lavie_memory_ratio_8_2"] == 1.0
+    assert set(report["backbones"]) == {"lavie", "vidrd"} and report["device"] == "cpu"
+    markdown = path.with_suffix(".md").read_text()
+    assert "| lavie | 1.000 | yes" in markdown and "| vidrd | 1.500 | no" in markdown
