@@ -244,3 +244,23 @@ def test_sample_records_stages_only_for_a_model_made_of_stages(tmp_path):
     assert weights_record(model) == {"pretrained": OmegaConf.to_container(model.pretrained)}  # not stages
     stages = weights_record(compose_config("sample", ["model=lavie_cascade_tiny"], tmp_path).model)["stages"]
     assert list(stages) == list(STAGES) and all(s["checkpoint"] is None for s in stages.values())
+
+
+def test_eval_generates_with_the_cascade_like_any_backbone(cascade, tmp_path):
+    """eval/'s sharded generation uses only the contract: the cascade's videos are written at the asked frame count
+    (a 4K - 3 one), at its frame rate, as the cascade makes them for those seeds."""
+    from eval.generation import generate_shard, plan_jobs, video_path
+
+    jobs = plan_jobs(PROMPTS, base_seed=7)
+    assert generate_shard(cascade, jobs, tmp_path, num_frames=9, batch_size=2, progress=False) == 2
+    expected = cascade.generate(PROMPTS, num_frames=9, seed=[7, 8])
+    for job in jobs:
+        video = read_video(video_path(tmp_path, job.index))
+        assert video.shape == (9, 128, 128, 3)
+        # mp4 is lossy (and random-weight videos are noise, the hardest to compress): far closer to the cascade's
+        # own video for that seed than to the other one
+        error = (video.float() - expected[job.index].float()).abs().mean()
+        other = (video.float() - expected[1 - job.index].float()).abs().mean()
+        assert error < other / 3, (error, other)
+    with pytest.raises(ValueError, match="4K - 3"):
+        generate_shard(cascade, plan_jobs(PROMPTS[:1]), tmp_path / "16", num_frames=16, batch_size=1, progress=False)
