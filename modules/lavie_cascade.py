@@ -34,6 +34,9 @@ from modules.lavie_interpolation import FRAME_RATE_FACTOR, check_interpolated_fr
 
 # stage name (its config node) -> what it must be able to do (a method of its class)
 STAGES = {"base": "generate", "interpolation": "interpolate", "super_resolution": "upsample"}
+# the stages' model configs in configs/model/ (paper size, CPU size), for error messages
+STAGE_CONFIGS = {"base": "lavie_base / lavie_tiny", "interpolation": "lavie_interpolation / lavie_interpolation_tiny",
+                 "super_resolution": "lavie_vsr / lavie_vsr_tiny"}
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -47,8 +50,8 @@ def stage_config(cfg: Any, name: str) -> tuple[DictConfig, str | None]:
     checkpoint of that model supersedes (`checkpoint_supersedes`) are set to null when a ckpt_path is given."""
     node = cfg.get(name) if cfg is not None else None
     if node is None or "_target_" not in node:
-        raise ValueError(f"the cascade has no {name} stage: model.{name} must be a model config (with _target_, e.g. "
-                         f"configs/model/lavie_{'tiny' if name == 'base' else name}*.yaml) and a ckpt_path")
+        raise ValueError(f"the cascade has no {name} stage: model.{name} must be a model config with a _target_ "
+                         f"(configs/model/{STAGE_CONFIGS[name]}) and a ckpt_path")
     # a detached, writable copy (a composed config is read-only and refers to its parent)
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
     ckpt_path = node.pop("ckpt_path", None)
@@ -93,9 +96,12 @@ class LaVieCascade(VideoGenerator):
         for name, method in STAGES.items():
             model_cfg, ckpt_path = stage_config(cfg, name)
             target = get_class(model_cfg._target_)
-            if not callable(getattr(target, method, None)):
-                raise ValueError(f"model.{name}._target_ is {model_cfg._target_}, which has no {method}(): the {name} "
-                                 f"stage must be a LaVie {name.replace('_', '-')} model")
+            # a base stage is a text-to-video generator, not one of the later stages (whose classes have generate too)
+            later = [m for m in ("interpolate", "upsample") if name == "base" and callable(getattr(target, m, None))]
+            if later or not callable(getattr(target, method, None)):
+                why = f"is a later stage (it has {later[0]}())" if later else f"has no {method}()"
+                raise ValueError(f"model.{name}._target_ is {model_cfg._target_}, which {why}: the {name} stage must "
+                                 f"be a LaVie {name.replace('_', '-')} model (configs/model/{STAGE_CONFIGS[name]})")
             if ckpt_path and not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"{name} stage of the cascade: checkpoint not found: {ckpt_path} "
                                         f"(model.{name}.ckpt_path: a train.py checkpoint, RUN/checkpoints/last.ckpt)")

@@ -193,6 +193,12 @@ def test_a_stage_of_the_wrong_kind_is_refused(tmp_path):
     cfg = {**OmegaConf.to_container(cfg), "interpolation": OmegaConf.load(REPO / "configs/model/lavie_vsr_tiny.yaml")}
     with pytest.raises(ValueError, match=r"model\.interpolation\._target_ .* has no interpolate\(\)"):
         LaVieCascade.validate_config(cfg)
+    cfg = {**cfg, "base": OmegaConf.load(REPO / "configs/model/lavie_interpolation_tiny.yaml")}
+    with pytest.raises(ValueError, match=r"model\.base\._target_ .* is a later stage"):
+        LaVieCascade.validate_config(cfg)
+    del cfg["base"]
+    with pytest.raises(ValueError, match="the cascade has no base stage"):
+        LaVieCascade.validate_config(cfg)
 
 
 def test_the_cascade_does_not_train(tmp_path):
