@@ -177,7 +177,7 @@ def test_noise_schedule_is_lavies():
     ddim.set_timesteps(50)
     # 50 DDIM steps over 1000 training steps with SD's steps_offset=1: 981, 961, ..., 1
     assert ddim.timesteps.tolist() == list(range(981, 0, -20))
-    assert cfg.sampler.num_inference_steps == 50 and cfg.sampler.guidance_scale == 7.5
+    assert cfg.sampler.num_inference_steps == 50 and cfg.sampler.guidance_scale == 7.0  # official base/configs/sample.yaml
     # the official sampler (LaVie's base/configs/sample.yaml: sample_method 'ddpm', 50 steps)
     assert cfg.sampler.method == "ddpm" and cfg.sampler.eta == 0
     assert (cfg.sampler.num_frames, cfg.sampler.height, cfg.sampler.width) == (16, 320, 512)
