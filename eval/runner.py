@@ -39,14 +39,32 @@ def rank_device(cfg: DictConfig) -> torch.device:
     return device
 
 
+def files_in_config(node: Any, prefix: str = "model") -> dict[str, str]:
+    """{dotted key: path} of every string in a model config that names an existing file (a cascade stage's
+    `ckpt_path`, a tokenizer checkpoint, an official weight file, a LoRA): the videos depend on their contents, so a
+    file replaced at the same path must not be mixed into a resumed evaluation folder. Folders are not followed."""
+    found: dict[str, str] = {}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, (dict, list)):
+            found.update(files_in_config(value, dotted))
+        elif isinstance(value, str) and value and Path(value).is_file():
+            found[dotted] = value
+    return found
+
+
 def generator_record(cfg: DictConfig, model: Any) -> dict[str, Any]:
-    """What the videos depend on: model config, checkpoint (path + hash), sampler settings, frames, precision."""
+    """What the videos depend on: model config, checkpoints (paths + hashes: the run's and every file the model
+    config names), sampler settings, frames, precision."""
     ckpt = cfg.get("ckpt_path")
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
     return {
         "model": cfg.model._target_,
-        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "model_config": model_config,
         "checkpoint": ckpt,
         "checkpoint_sha256": file_sha256(ckpt) if ckpt else None,
+        "model_files_sha256": {key: file_sha256(path) for key, path in files_in_config(model_config).items()},
         "sampler": model.sampler_settings(),
         "precision": cfg.precision,
         "init_seed": cfg.seed,
