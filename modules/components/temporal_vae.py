@@ -146,5 +146,19 @@ class TemporalKLAutoencoder(KLAutoencoder):
         self.load_official_state_dict(read_state_dict(path), path, temporal=False)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """The fine-tuned temporal VAE (official layout, every `temp_` key required)."""
-        self.load_official_state_dict(read_state_dict(path), path, temporal=True)
+        """The fine-tuned temporal VAE (official layout, every `temp_` key required): a VAE state dict, or a
+        Lightning checkpoint of the `model=vidrd_vae` stage (its `autoencoder.vae.*` weights)."""
+        self.load_official_state_dict(vae_state_dict(read_state_dict(path)), path, temporal=True)
+
+
+#: where a `model=vidrd_vae` training checkpoint (modules/vidrd_vae.py) keeps the VAE's weights
+STAGE_PREFIX = "autoencoder.vae."
+
+
+def vae_state_dict(state: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    """The VAE weights of a loaded file: a Lightning checkpoint of the vidrd_vae stage (its `state_dict`'s
+    `autoencoder.vae.*` entries, the EMA weights when training kept an EMA) or a plain VAE state dict, as is."""
+    inner = state.get("state_dict", state)
+    if any(key.startswith(STAGE_PREFIX) for key in inner):
+        return {key[len(STAGE_PREFIX):]: value for key, value in inner.items() if key.startswith(STAGE_PREFIX)}
+    return state
