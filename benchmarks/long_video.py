@@ -22,7 +22,9 @@ kept too (`memory_ratio_8_2_default_malloc`), and says how noisy it is.
   calls is exactly 4x).
 
 Backbones: `lavie` (configs/model/lavie_long_tiny.yaml: `LaVieLong`, 8-frame clips at 32x32, each next clip
-conditioned on the last frame before, 7 new frames per clip). Another backbone adds a `Backbone` entry to
+conditioned on the last frame before, 7 new frames per clip) and `vidrd` (configs/model/vidrd_tiny.yaml: `VidRD`,
+8-frame clips at 32x32 through 16x16 space-to-depth latents, the iterative sampler with M=4, every clip's 8 frames
+kept, so F = 8 x clips; each clip decoded and dropped before the next). Another backbone adds a `Backbone` entry to
 `BACKBONES`; `--model NAME` measures one and rewrites only its entries of the results file, keeping the others'.
 
 Usage: python benchmarks/long_video.py [--model lavie] [--steps 10] [--threads 1] [--device cpu|cuda]
@@ -78,13 +80,27 @@ def build_lavie(steps: int) -> torch.nn.Module:
     return instantiate(compose_model("lavie_long_tiny", f"model.sampler.num_inference_steps={steps}")).eval()
 
 
+def build_vidrd(steps: int) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    return instantiate(compose_model("vidrd_tiny", f"model.sampler.num_inference_steps={steps}")).eval()
+
+
 LAVIE_CLIP = 8
+VIDRD_CLIP = 8
 BACKBONES: dict[str, Backbone] = {
     "lavie": Backbone(
         description=f"LaVieLong, configs/model/lavie_long_tiny.yaml ({LAVIE_CLIP}-frame clips at 32x32, pixel "
                     f"space; a clip after the first adds {LAVIE_CLIP - 1} frames)",
         build=build_lavie,
         frames=lambda clips: LAVIE_CLIP + (clips - 1) * (LAVIE_CLIP - 1),
+    ),
+    "vidrd": Backbone(
+        description=f"VidRD, configs/model/vidrd_tiny.yaml ({VIDRD_CLIP}-frame clips at 32x32 through 16x16 "
+                    "space-to-depth latents; iterative sampler M=4, alpha=4, beta=0.4; every clip's frames kept)",
+        build=build_vidrd,
+        frames=lambda clips: VIDRD_CLIP * clips,
     ),
 }
 
