@@ -42,11 +42,13 @@ SAMPLE_EXPERIMENTS = ["tiny_lavie", "tiny_lavie_interpolation"]
                          [("train", e) for e in EXPERIMENTS] + [("sample", e) for e in SAMPLE_EXPERIMENTS])
 def test_experiments_compose(entry, experiment):
     cfg = compose_config(entry, f"experiment={experiment}")
-    expected = ("modules.loong_tokenizer.LoongTokenizer" if "loong_tokenizer" in experiment
-                else "modules.lavie_interpolation.LaVieInterpolation" if "lavie_interpolation" in experiment
-                else "modules.lavie_vsr.LaVieVSR" if "lavie_vsr" in experiment
-                else "modules.loong.Loong" if "loong" in experiment else "modules.lavie.LaVie")
-    assert cfg.model._target_ == expected
+    # the module of each recipe family, the most specific name first
+    families = [("loong_tokenizer", "modules.loong_tokenizer"), ("lavie_interpolation", "modules.lavie_interpolation"),
+                ("lavie_vsr", "modules.lavie_vsr"), ("lavie_lora", "modules.lavie_lora"),
+                ("lavie_long", "modules.lavie_long"), ("vidrd_vae", "modules.vidrd_vae"), ("vidrd", "modules.vidrd"),
+                ("loong", "modules.loong"), ("lavie", "modules.lavie")]
+    expected = next(module for name, module in families if name in experiment)
+    assert cfg.model._target_.rsplit(".", 1)[0] == expected
     if entry == "train":
         assert cfg.data._target_.startswith("datamodules.") and cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
@@ -85,6 +87,8 @@ RECIPES = {
     "tiny_loong": (1, 0), "tiny_loong_17": (17, 4), "tiny_loong_65": (65, 4),
     "tiny_lavie_interpolation": (13, 0),
     "tiny_lavie_vsr": (8, 0),
+    "tiny_lavie_lora": (1, 0),
+    "tiny_lavie_long": (8, 0),
 }
 OWN_IMAGES_PER_VIDEO = {"joint": 4}  # data configs whose default is not 0
 
@@ -131,9 +135,12 @@ def draw_batch(cfg) -> dict:
 def test_every_experiment_composes_with_every_data_config(experiment, data, data_dir):
     frames, images_per_video = RECIPES[experiment]
     images_per_video = OWN_IMAGES_PER_VIDEO.get(data, 0) if images_per_video is None else images_per_video
-    overrides = [] if data in ("synthetic", "images", "joint") else [f"data.image_manifest={data_dir}/images/train.csv"]
+    overrides = ([] if data in ("synthetic", "images", "joint", "image_folder")
+                 else [f"data.image_manifest={data_dir}/images/train.csv"])
+    if data == "image_folder":
+        overrides += [f"data.folder={data_dir}/images", "data.caption=an image"]
     cfg = compose_recipe(experiment, data, data_dir, *overrides)
-    if data == "images" and (frames, images_per_video) != (1, 0):
+    if data in ("images", "image_folder") and (frames, images_per_video) != (1, 0):
         # an image dataset cannot give the recipe's clips or joint mode: it says so rather than train something else
         error = instantiation_error(cfg.data)
         assert isinstance(error, ValueError) and re.search(r"data\.num_frames=1|data\.images_per_video=0", str(error))
@@ -162,6 +169,8 @@ TINY_SYNTHETIC = {
                                      batch_size=4, num_workers=0, seed=0, images_per_video=0, image_mode=False),
     "tiny_lavie_vsr": dict(num_frames=8, resolution=[128, 128], train_size=20000, val_size=8, batch_size=2,
                            num_workers=0, seed=0, images_per_video=0, image_mode=False),
+    "tiny_lavie_long": dict(num_frames=8, resolution=[32, 32], train_size=20000, val_size=16, batch_size=4,
+                            num_workers=0, seed=0, images_per_video=0, image_mode=False),
     "tiny_loong_tokenizer": dict(num_frames=1, resolution=[32, 32], train_size=100000, val_size=32, batch_size=32,
                                  num_workers=0, seed=0, images_per_video=0, image_mode=True),
     "tiny_loong_tokenizer_17": dict(num_frames=17, resolution=[32, 32], train_size=100000, val_size=32,
