@@ -287,3 +287,20 @@ def test_long_video_benchmark_measures_vidrd(monkeypatch):
     spec.loader.exec_module(bench)
     run = bench.one_run("vidrd", 2, 1, "cpu")
     assert run["frames"] == bench.BACKBONES["vidrd"].frames(2) == 16 and run["peak_growth_mib"] >= 0
+
+
+def test_sample_py_names_the_missing_official_checkpoint_before_building(tmp_path):
+    sd = tmp_path / "sd21"
+    for name in ("unet", "vae", "text_encoder"):
+        (sd / name).mkdir(parents=True)
+        (sd / name / "model.safetensors").write_bytes(b"")
+    (sd / "tokenizer").mkdir()
+    (sd / "tokenizer" / "vocab.json").write_text("{}")
+    missing = tmp_path / "ModelT2V.pth"
+    result = subprocess.run([sys.executable, "sample.py", "model=vidrd", "prompts=[a cat]",
+                             f"model.pretrained.sd_path={sd}", f"model.pretrained.checkpoint={missing}",
+                             f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert f"VidRD checkpoint not found: {missing}" in result.stderr and "Traceback" not in result.stderr
