@@ -89,6 +89,7 @@ RECIPES = {
     "tiny_lavie_vsr": (8, 0),
     "tiny_lavie_lora": (1, 0),
     "tiny_lavie_long": (8, 0),
+    "tiny_vidrd": (8, 4), "tiny_vidrd_vae_2d": (1, None), "tiny_vidrd_vae": (8, None),
 }
 OWN_IMAGES_PER_VIDEO = {"joint": 4}  # data configs whose default is not 0
 
